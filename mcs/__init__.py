@@ -1,0 +1,30 @@
+"""mcs: massively concurrent services on Trio.
+
+Each request runs as its own nursery-scoped task graph (:func:`open_graph`); wherever many live
+requests need the same downstream I/O, a batcher (:func:`open_batcher`) coalesces their calls
+into one batched call, splits the results back, and enforces rate and in-flight limits.
+"""
+
+from ._batcher import BatchFn as BatchFn
+from ._batcher import Batcher as Batcher
+from ._batcher import open_batcher as open_batcher
+from ._exceptions import BatchResultError as BatchResultError
+from ._exceptions import MCSError as MCSError
+from ._exceptions import Overloaded as Overloaded
+from ._rate import RateLimit as RateLimit
+from ._stats import BatcherStatistics as BatcherStatistics
+from ._stats import Percentiles as Percentiles
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "BatchFn",
+    "BatchResultError",
+    "Batcher",
+    "BatcherStatistics",
+    "MCSError",
+    "Overloaded",
+    "Percentiles",
+    "RateLimit",
+    "open_batcher",
+]
