@@ -5,12 +5,17 @@ requests need the same downstream I/O, a batcher (:func:`open_batcher`) coalesce
 into one batched call, splits the results back, and enforces rate and in-flight limits.
 """
 
-from ._batcher import BatchFn as BatchFn
 from ._batcher import Batcher as Batcher
+from ._batcher import BatchFn as BatchFn
 from ._batcher import open_batcher as open_batcher
 from ._exceptions import BatchResultError as BatchResultError
 from ._exceptions import MCSError as MCSError
 from ._exceptions import Overloaded as Overloaded
+from ._graph import Graph as Graph
+from ._graph import GraphTrace as GraphTrace
+from ._graph import Node as Node
+from ._graph import NodeTrace as NodeTrace
+from ._graph import open_graph as open_graph
 from ._rate import RateLimit as RateLimit
 from ._stats import BatcherStatistics as BatcherStatistics
 from ._stats import Percentiles as Percentiles
@@ -22,9 +27,14 @@ __all__ = [
     "BatchResultError",
     "Batcher",
     "BatcherStatistics",
+    "Graph",
+    "GraphTrace",
     "MCSError",
+    "Node",
+    "NodeTrace",
     "Overloaded",
     "Percentiles",
     "RateLimit",
     "open_batcher",
+    "open_graph",
 ]

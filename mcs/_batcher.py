@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeAlias, TypeVar
 
 import trio
 from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, reschedule
@@ -72,18 +72,21 @@ _FOR_RATE: Final = 4
 class _Request(Generic[K, V]):
     """One item on its way through a batcher; subclasses say how its result is delivered.
 
-    Subclasses define the slots ``item``, ``state`` and ``t0`` (the time of the call).
+    Subclasses define the slots ``item``, ``state`` and ``t0`` (the time of the call); a graph
+    node is a subclass too, which is why the slots are not declared here (a class can have only
+    one base with a non-empty slot layout).
     """
 
-    __slots__ = ()
+    if not TYPE_CHECKING:  # mypy would check subclass assignments against the empty layout
+        __slots__ = ()
     item: K
     state: int
     t0: float
 
-    def _deliver_value(self, value: V) -> None:
+    def _deliver_value(self, value: V, now: float) -> None:
         raise NotImplementedError
 
-    def _deliver_error(self, error: BaseException, tb: TracebackType | None) -> None:
+    def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
         raise NotImplementedError
 
 
@@ -102,13 +105,13 @@ class _Caller(_Request[K, V]):
         self.error: BaseException | None = None
         self.tb: TracebackType | None = None
 
-    def _deliver_value(self, value: V) -> None:
+    def _deliver_value(self, value: V, now: float) -> None:
         self.value = value
         task, self.task = self.task, None
         assert task is not None
         reschedule(task)
 
-    def _deliver_error(self, error: BaseException, tb: TracebackType | None) -> None:
+    def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
         self.error = error
         self.tb = tb
         task, self.task = self.task, None
@@ -242,7 +245,9 @@ class Batcher(Generic[K, V]):
         self._gcra = _Gcra(rate) if rate is not None else None
         self._rate_unit_items = rate is not None and rate.unit == "item"
         # With an item-counted rate, one call may never carry more than the burst.
-        self._batch_cap = min(max_batch_size, rate.burst) if self._rate_unit_items else max_batch_size  # type: ignore[union-attr]
+        self._batch_cap = max_batch_size
+        if rate is not None and rate.unit == "item":
+            self._batch_cap = min(max_batch_size, rate.burst)
         self._queue_size = queue_size
         self._reject = overload == "reject"
         self._dedupe = dedupe
@@ -444,31 +449,37 @@ class Batcher(Generic[K, V]):
     def _close_intake(self) -> None:
         """Stop accepting items; what is queued still drains."""
         self._intake_closed = True
-        self._fail_room(trio.ClosedResourceError(f"batcher {self.name!r} closed before this item was accepted"))
+        self._fail_room(
+            trio.ClosedResourceError(f"batcher {self.name!r} closed before this item was accepted")
+        )
         if self._waiting_for in (_FOR_ITEMS, _FOR_FILL):
             self._wake_dispatcher()
 
     def _abort(self) -> None:
         """The batcher's block failed or was cancelled: fail everything not yet in flight."""
         self._intake_closed = True
-        self._fail_room(trio.ClosedResourceError(f"batcher {self.name!r} closed before this item was accepted"))
+        self._fail_room(
+            trio.ClosedResourceError(f"batcher {self.name!r} closed before this item was accepted")
+        )
         queue, self._queue = self._queue, deque()
         self._queued = self._dead = 0
         error = trio.BrokenResourceError(
             f"batcher {self.name!r} was shut down before this item was processed"
         )
+        now = trio.current_time()
         for request in queue:
             if request.state == _QUEUED:
                 request.state = _DONE
-                request._deliver_error(error, None)
+                request._deliver_error(error, None, now)
 
     def _fail_room(self, error: BaseException) -> None:
         room, self._room = self._room, deque()
         self._room_waiting = self._room_dead = 0
+        now = trio.current_time()
         for request in room:
             if request.state == _ROOM:
                 request.state = _DONE
-                request._deliver_error(error, None)
+                request._deliver_error(error, None, now)
 
     # ------------------------------------------------------------------ the dispatcher
 
@@ -567,7 +578,7 @@ class Batcher(Generic[K, V]):
         try:
             results = await self._batch_fn(items)
         except Exception as exc:
-            self._fail_batch(batch, exc, exc.__traceback__)
+            self._fail_batch(batch, exc, exc.__traceback__, self._batch_done(started))
         except BaseException as exc:
             # Cancelled (the batcher is shutting down) or KeyboardInterrupt: the callers must
             # not hang, and must not receive a Cancelled that is not theirs.
@@ -575,29 +586,36 @@ class Batcher(Generic[K, V]):
                 f"batcher {self.name!r} was shut down while this item was in flight"
             )
             broken.__cause__ = exc
-            self._fail_batch(batch, broken, None)
+            self._fail_batch(batch, broken, None, self._batch_done(started))
             raise
         else:
-            self._deliver(batch, items, index, results)
-        finally:
-            now = trio.current_time()
-            self._batch_times.add(now - started)
-            was_saturated = self._in_flight >= self._max_in_flight
-            self._in_flight -= 1
-            if was_saturated:
-                assert self._saturation is not None
-                self._saturation.update(self._in_flight >= self._max_in_flight, now)
-            if self._waiting_for == _FOR_SLOT:
-                self._wake_dispatcher()
+            self._deliver(batch, items, index, results, self._batch_done(started))
+
+    def _batch_done(self, started: float) -> float:
+        """Free the batch's slot; returns the time, which is also each result's time."""
+        now = trio.current_time()
+        self._batch_times.add(now - started)
+        was_saturated = self._in_flight >= self._max_in_flight
+        self._in_flight -= 1
+        if was_saturated:
+            assert self._saturation is not None
+            self._saturation.update(self._in_flight >= self._max_in_flight, now)
+        if self._waiting_for == _FOR_SLOT:
+            self._wake_dispatcher()
+        return now
 
     def _fail_batch(
-        self, batch: list[_Request[K, V]], error: BaseException, tb: TracebackType | None
+        self,
+        batch: list[_Request[K, V]],
+        error: BaseException,
+        tb: TracebackType | None,
+        now: float,
     ) -> None:
         for request in batch:
             if request.state == _IN_FLIGHT:
                 request.state = _DONE
                 self._callers_served += 1
-                request._deliver_error(error, tb)
+                request._deliver_error(error, tb, now)
 
     def _deliver(
         self,
@@ -605,6 +623,7 @@ class Batcher(Generic[K, V]):
         items: list[K],
         index: list[int] | None,
         results: object,
+        now: float,
     ) -> None:
         if isinstance(results, Mapping):
             for request in batch:
@@ -616,44 +635,33 @@ class Batcher(Generic[K, V]):
                             f"batcher {self.name!r}: batch_fn's result has no entry for item "
                             f"{request.item!r}"
                         )
-                    self._settle(request, value)
+                    self._settle(request, value, now)
             return
         if not isinstance(results, Sequence) or isinstance(results, str | bytes):
-            self._fail_batch(
-                batch,
-                BatchResultError(
-                    f"batcher {self.name!r}: batch_fn must return a sequence or a mapping, "
-                    f"got {type(results).__name__}"
-                ),
-                None,
-            )
-            return
-        if len(results) != len(items):
-            self._fail_batch(
-                batch,
-                BatchResultError(
-                    f"batcher {self.name!r}: batch_fn returned {len(results)} results "
-                    f"for {len(items)} items"
-                ),
-                None,
-            )
-            return
-        if index is None:
+            problem = f"must return a sequence or a mapping, got {type(results).__name__}"
+        elif len(results) != len(items):
+            problem = f"returned {len(results)} results for {len(items)} items"
+        elif index is None:
             for request, value in zip(batch, results, strict=True):
                 if request.state == _IN_FLIGHT:
-                    self._settle(request, value)
+                    self._settle(request, value, now)
+            return
         else:
             for request, position in zip(batch, index, strict=True):
                 if request.state == _IN_FLIGHT:
-                    self._settle(request, results[position])
+                    self._settle(request, results[position], now)
+            return
+        self._fail_batch(
+            batch, BatchResultError(f"batcher {self.name!r}: batch_fn {problem}"), None, now
+        )
 
-    def _settle(self, request: _Request[K, V], value: Any) -> None:
+    def _settle(self, request: _Request[K, V], value: Any, now: float) -> None:
         request.state = _DONE
         self._callers_served += 1
         if isinstance(value, BaseException):
-            request._deliver_error(value, value.__traceback__)
+            request._deliver_error(value, value.__traceback__, now)
         else:
-            request._deliver_value(value)
+            request._deliver_value(value, now)
 
 
 Batcher.__module__ = "mcs"

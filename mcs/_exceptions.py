@@ -7,7 +7,7 @@ What is left is specific to batching::
 
     Exception
     ├── MCSError
-    │   ├── Overloaded          a batcher refused an item (``overload="reject"`` and the queue is full)
+    │   ├── Overloaded          a full batcher refused an item (``overload="reject"``)
     │   └── BatchResultError    batch_fn returned a result that does not fit its items
     └── (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError)
 """

@@ -1,0 +1,861 @@
+"""Per-request task graphs: units of work that wait for their dependencies, then run.
+
+The problem: a request is naturally a small DAG (load the user and their posts in parallel, then
+render), and a service runs tens of thousands of them at once. Written the obvious way, a nursery
+per request and a task per node, Trio spends most of its time creating tasks, cancel scopes and
+GC-tracked objects: a 3-node graph runs at ~7k requests/s on one core.
+
+The idea: most nodes do not need a task. A call through a batcher is a record in the batcher's
+queue that gets its result by callback (it *is* the batcher's request record), and a pure
+transform runs synchronously the moment its last dependency resolves. So a graph is a plain
+object that counts unfinished nodes, and the request's own task parks once, at the end of the
+block (or in ``await node``), until the count reaches zero. No nursery, no cancel scope, no task.
+
+Only ``spawn`` (an arbitrary coroutine) needs a task. Its tasks live in a nursery that belongs to
+the graph and is created the first time the graph spawns: because a nursery can only be opened
+with ``async with`` in the task that owns it, and ``spawn`` is a plain call made from inside the
+block, the graph hosts that nursery in a helper task. The graph inherits the request's deadline
+into it, cancels it on failure, and its ``__aexit__`` waits for it to finish, so no task ever
+outlives the block. Graphs that never spawn never pay for it.
+
+Failure policy. The first node to fail cancels every other node of the graph: pending nodes are
+dropped, batched calls are withdrawn from their batchers (no other graph's calls are touched),
+spawned tasks are cancelled. The block then raises that first error *itself*, never wrapped in an
+exception group, so ``except TheirError`` just works. Later failures are consequences and are
+kept only in :meth:`Graph.trace`. The block's own code is not interrupted by a node failure; it
+sees it at its next ``await node`` or at the end of the block.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import math
+from collections.abc import Awaitable, Callable, Generator, Iterable
+from types import TracebackType
+from typing import Any, Final, Generic, Literal, TypeVar
+
+import attrs
+import trio
+from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, reschedule
+from trio.lowlevel import wait_task_rescheduled as _park
+
+from ._batcher import Batcher, _Request
+
+__all__ = ["Graph", "GraphTrace", "Node", "NodeTrace", "open_graph"]
+
+T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
+
+# A node's life. A node is unfinished while its status is below _DONE.
+_PENDING: Final = 0  # waiting for dependencies
+_RUNNING: Final = 1  # started: in a batcher, or its task is running
+_DONE: Final = 2
+_FAILED: Final = 3
+_CANCELLED: Final = 4
+_OUTCOMES: Final = ("pending", "running", "value", "error", "cancelled")
+
+# A graph's life.
+_NEW: Final = 0
+_OPEN: Final = 1
+_CLOSED: Final = 2
+
+NodeKind = Literal["call", "apply", "spawn"]
+
+
+class Node(_Request[Any, Any], Generic[T]):
+    """One unit of work in a graph; ``await node`` gives its value or raises its error.
+
+    Nodes are made by :meth:`Graph.call`, :meth:`Graph.apply` and :meth:`Graph.spawn`. Passing
+    a node as an argument of another makes it a dependency.
+
+    Attributes:
+        name: the node's name in traces and errors.
+        start: when it started on trio's clock (``nan`` if it never did).
+        end: when it finished on trio's clock (``nan`` while unfinished).
+    """
+
+    # Every object here is tracked by the cyclic GC while the request lives, and with tens of
+    # thousands of live requests the collector's walks dominate: so no per-node lists or tuples
+    # in the common shapes (one dependent is stored bare, the graph's nodes and its ready queue
+    # are linked through the nodes themselves, dependencies are re-derived for traces).
+    __slots__ = (
+        "_after",
+        "_args",
+        "_dependents",
+        "_error",
+        "_fn",
+        "_graph",
+        "_kwargs",
+        "_next",
+        "_next_ready",
+        "_status",
+        "_unresolved",
+        "_value",
+        "_waiters",
+        "end",
+        "item",
+        "name",
+        "start",
+        "state",
+        "t0",
+    )
+    kind: NodeKind = "call"
+
+    def __init__(
+        self,
+        graph: Graph,
+        name: str,
+        fn: Any,
+        args: Any,
+        kwargs: dict[str, Any] | None,
+    ) -> None:
+        self._graph: Graph | None = graph
+        self.name = name
+        self._fn = fn
+        self._args = args
+        self._kwargs = kwargs
+        self._after: tuple[Node[Any], ...] = ()
+        self._status = _PENDING
+        self._unresolved = 0
+        self._dependents: Node[Any] | list[Node[Any]] | None = None
+        self._next: Node[Any] | None = None
+        self._next_ready: Node[Any] | None = None
+        self._waiters: list[Task] | None = None
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self.start = math.nan
+        self.end = math.nan
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def done(self) -> bool:
+        """Whether the node has finished (with a value, an error, or cancelled)."""
+        return self._status >= _DONE
+
+    @property
+    def result(self) -> T:
+        """The node's value once it is done.
+
+        Raises:
+            RuntimeError: if the node has not finished, or was cancelled.
+            Exception: the node's own error, if it failed.
+        """
+        status = self._status
+        if status == _DONE:
+            return self._value  # type: ignore[return-value]
+        if status == _FAILED:
+            assert self._error is not None
+            raise self._error
+        if status == _CANCELLED:
+            raise RuntimeError(f"node {self.name!r} was cancelled before it finished")
+        raise RuntimeError(f"node {self.name!r} has not finished yet; await it first")
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._wait().__await__()
+
+    def __repr__(self) -> str:
+        return f"<mcs.Node {self.name!r} {self.kind} {_OUTCOMES[self._status]}>"
+
+    # ------------------------------------------------------------------ waiting
+
+    async def _wait(self) -> T:
+        if self._status >= _DONE:
+            await trio.lowlevel.checkpoint()
+        else:
+            task = current_task()
+            if self._waiters is None:
+                self._waiters = [task]
+            else:
+                self._waiters.append(task)
+
+            def abort(_: RaiseCancelT) -> Abort:
+                if self._waiters is not None:
+                    self._waiters.remove(task)
+                return Abort.SUCCEEDED
+
+            await _park(abort)
+        if self._status == _CANCELLED:
+            graph_error = self._graph._error if self._graph is not None else None
+            if graph_error is not None:
+                raise graph_error  # the reason this node was cancelled
+        return self.result
+
+    def _dependencies(self) -> list[Node[Any]]:
+        """The distinct nodes this node waits for, in argument order."""
+        if self.kind == "call":
+            deps = [self._args] if isinstance(self._args, Node) else []
+        else:
+            deps = [arg for arg in self._args if isinstance(arg, Node)]
+        if self._kwargs:
+            deps.extend(arg for arg in self._kwargs.values() if isinstance(arg, Node))
+        if self._after:
+            deps.extend(self._after)
+        if len(deps) < 2 or (len(deps) == 2 and deps[0] is not deps[1]):
+            return deps
+        return list(dict.fromkeys(deps))
+
+    def _wake_waiters(self) -> None:
+        waiters = self._waiters
+        if waiters:
+            self._waiters = None
+            for task in waiters:
+                reschedule(task)
+
+    # ------------------------------------------------------------------ batcher protocol
+
+    def _deliver_value(self, value: Any, now: float) -> None:
+        graph = self._graph
+        if graph is not None and self._status == _RUNNING:
+            graph._resolve(self, value, now)
+
+    def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
+        graph = self._graph
+        if graph is not None and self._status == _RUNNING:
+            graph._fail(self, error, now)
+
+
+class _ApplyNode(Node[T]):
+    __slots__ = ()
+    kind: NodeKind = "apply"
+
+
+class _SpawnNode(Node[T]):
+    __slots__ = ()
+    kind: NodeKind = "spawn"
+
+
+Node.__module__ = "mcs"
+
+
+def _substitute(value: Any) -> Any:
+    return value._value if isinstance(value, Node) else value
+
+
+@attrs.frozen
+class NodeTrace:
+    """What one node did, from :meth:`Graph.trace`.
+
+    Attributes:
+        index: the node's position in creation order.
+        name: the node's name.
+        kind: ``"call"``, ``"apply"`` or ``"spawn"``.
+        deps: the indexes of the nodes it waited for.
+        start: when it started on trio's clock (``nan`` if it never did).
+        end: when it finished on trio's clock (``nan`` if it never did).
+        outcome: ``"value"``, ``"error"``, ``"cancelled"``, or ``"pending"``/``"running"`` if
+            the trace was taken inside the block.
+        error: the node's error, if it failed.
+    """
+
+    index: int
+    name: str
+    kind: NodeKind
+    deps: tuple[int, ...]
+    start: float
+    end: float
+    outcome: str
+    error: BaseException | None = None
+
+
+@attrs.frozen
+class GraphTrace:
+    """Every node of a graph with its timing, and the critical path.
+
+    ``str(trace)`` is a compact text timeline, one line per node; nodes on the critical path are
+    marked ``*``.
+
+    Attributes:
+        name: the graph's name.
+        start: when the block was entered, on trio's clock.
+        nodes: one :class:`NodeTrace` per node, in creation order.
+        critical_path: the chain of nodes that ended last: starting from the node that finished
+            last, each step goes to the dependency that finished last.
+    """
+
+    name: str
+    start: float
+    nodes: tuple[NodeTrace, ...]
+    critical_path: tuple[NodeTrace, ...]
+
+    def __str__(self) -> str:
+        ends = [n.end for n in self.nodes if not math.isnan(n.end)]
+        span = max(ends, default=self.start) - self.start
+        on_path = {n.index for n in self.critical_path}
+        width = 30
+        name_width = max((len(n.name) for n in self.nodes), default=4)
+        lines = [f"graph {self.name!r}: {len(self.nodes)} nodes in {span * 1e3:.3f} ms"]
+        for n in self.nodes:
+            start = n.start - self.start
+            end = n.end - self.start
+            if span > 0 and not math.isnan(start) and not math.isnan(end):
+                left = round(start / span * width)
+                right = max(left + 1, round(end / span * width))
+                bar = " " * left + "#" * (right - left) + " " * (width - right)
+            else:
+                bar = " " * width
+            deps = ",".join(str(d) for d in n.deps) or "-"
+            lines.append(
+                f"{'*' if n.index in on_path else ' '}{n.index:>4} {n.name:<{name_width}} "
+                f"{n.kind:<5} |{bar}| {start * 1e3:9.3f} -> {end * 1e3:9.3f} ms "
+                f"{n.outcome:<9} after {deps}"
+            )
+        return "\n".join(lines)
+
+
+NodeTrace.__module__ = GraphTrace.__module__ = "mcs"
+
+
+class Graph:
+    """A request's graph of nodes; made by :func:`mcs.open_graph`.
+
+    Inside the block, :meth:`call`, :meth:`apply` and :meth:`spawn` add nodes. A node whose
+    arguments include other nodes runs once those have resolved, with their values. The block
+    does not exit until every node is done.
+    """
+
+    __slots__ = (
+        "_deadline",
+        "_error",
+        "_exit_waiter",
+        "_first",
+        "_host_running",
+        "_host_task",
+        "_last",
+        "_nursery",
+        "_phase",
+        "_ready",
+        "_scope",
+        "_spawn_queue",
+        "_starting",
+        "_timeout",
+        "_unfinished",
+        "name",
+        "start",
+    )
+
+    def __init__(self, *, timeout: float | None = None, name: str | None = None) -> None:
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+                raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+            if math.isnan(timeout) or timeout < 0:
+                raise ValueError(f"timeout must be >= 0, got {timeout!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {name!r}")
+        self.name = name if name is not None else "graph"
+        self._timeout = timeout
+        self._phase = _NEW
+        self._first: Node[Any] | None = None  # the nodes, linked through Node._next
+        self._last: Node[Any] | None = None
+        self._unfinished = 0
+        self._error: BaseException | None = None
+        self._ready: Node[Any] | None = None  # a stack linked through Node._next_ready
+        self._starting = False
+        self._exit_waiter: Task | None = None
+        self._scope: trio.CancelScope | None = None
+        self._deadline: float | None = None
+        self._nursery: trio.Nursery | None = None
+        self._spawn_queue: list[_SpawnNode[Any]] | None = None
+        self._host_running = False
+        self._host_task: Task | None = None
+        self.start = math.nan
+
+    def __repr__(self) -> str:
+        phase = ("new", "open", "closed")[self._phase]
+        nodes = f"{len(self._nodes())} nodes, {self._unfinished} unfinished"
+        return f"<mcs.Graph {self.name!r} {phase}: {nodes}>"
+
+    # ------------------------------------------------------------------ building
+
+    def call(
+        self,
+        batcher: Batcher[K, V],
+        item: K | Node[K],
+        *,
+        name: str | None = None,
+        after: Iterable[Node[Any]] = (),
+    ) -> Node[V]:
+        """A node that sends ``item`` (or, if it is a node, its value) through ``batcher``.
+
+        It costs no task: the node waits in the batcher's queue like any caller.
+
+        Raises:
+            TypeError: if ``batcher`` is not a :class:`mcs.Batcher`, or ``after`` holds a
+                non-node.
+            ValueError: if a dependency belongs to another graph.
+            RuntimeError: if the graph is not open.
+        """
+        if self._phase != _OPEN:
+            self._raise_not_open()
+        if not isinstance(batcher, Batcher):
+            raise TypeError(f"batcher must be a mcs.Batcher, got {batcher!r}")
+        node: Node[V] = Node(self, name or batcher.name, batcher, item, None)
+        if after or isinstance(item, Node) or self._error is not None:
+            self._add(node, after)
+        else:  # the common case, kept short: no dependencies
+            self._append(node)
+            self._start_call(node, trio.current_time())
+        return node
+
+    def apply(
+        self,
+        fn: Callable[..., T],
+        /,
+        *args: Any,
+        name: str | None = None,
+        after: Iterable[Node[Any]] = (),
+        **kwargs: Any,
+    ) -> Node[T]:
+        """A node that calls the sync function ``fn`` with its arguments' values.
+
+        It costs no task: ``fn`` runs the moment its last dependency resolves. Keep it quick
+        and non-blocking; use :meth:`spawn` for anything that awaits.
+
+        Raises:
+            TypeError: if ``fn`` is an async function or not callable, or ``after`` holds a
+                non-node.
+            ValueError: if a dependency belongs to another graph.
+            RuntimeError: if the graph is not open.
+        """
+        if self._phase != _OPEN:
+            self._raise_not_open()
+        if _is_async_function(fn) or not callable(fn):
+            raise TypeError(f"apply needs a sync function (use spawn for async ones), got {fn!r}")
+        node: Node[T] = _ApplyNode(self, name or _name_of(fn), fn, args, kwargs or None)
+        self._add(node, after)
+        return node
+
+    def spawn(
+        self,
+        async_fn: Callable[..., Awaitable[T]],
+        /,
+        *args: Any,
+        name: str | None = None,
+        after: Iterable[Node[Any]] = (),
+        **kwargs: Any,
+    ) -> Node[T]:
+        """A node that runs ``await async_fn(*args, **kwargs)`` as a task of the graph.
+
+        The task starts once its dependencies resolved, in a nursery owned by the graph, and is
+        cancelled if the graph fails.
+
+        Raises:
+            TypeError: if ``async_fn`` is not an async function, or ``after`` holds a non-node.
+            ValueError: if a dependency belongs to another graph.
+            RuntimeError: if the graph is not open.
+        """
+        if self._phase != _OPEN:
+            self._raise_not_open()
+        if not _is_async_function(async_fn):
+            raise TypeError(f"spawn needs an async function, got {async_fn!r}")
+        if self._deadline is None:
+            # The spawned tasks inherit the deadline in force where the graph spawns first.
+            # Read it here, not at the top of the block: it walks every enclosing cancel scope,
+            # which graphs that never spawn should not pay for.
+            self._deadline = trio.current_effective_deadline()
+        node: Node[T] = _SpawnNode(self, name or _name_of(async_fn), async_fn, args, kwargs or None)
+        self._add(node, after)
+        return node
+
+    def _raise_not_open(self) -> None:
+        if self._phase == _NEW:
+            raise RuntimeError(
+                f"graph {self.name!r} is not open: use 'async with mcs.open_graph() as g'"
+            )
+        raise RuntimeError(f"graph {self.name!r} is closed")
+
+    def _append(self, node: Node[Any]) -> None:
+        if self._last is None:
+            self._first = node
+        else:
+            self._last._next = node
+        self._last = node
+        self._unfinished += 1
+
+    def _nodes(self) -> list[Node[Any]]:
+        nodes = []
+        node = self._first
+        while node is not None:
+            nodes.append(node)
+            node = node._next
+        return nodes
+
+    def _add(self, node: Node[Any], after: Iterable[Node[Any]]) -> None:
+        """Link ``node`` to its dependencies, and start it if none is pending."""
+        if after:
+            node._after = tuple(after)
+            for dep in node._after:
+                if not isinstance(dep, Node):
+                    raise TypeError(f"after must hold nodes, got {dep!r}")
+        deps = node._dependencies()
+        for dep in deps:
+            if dep._graph is not self:
+                raise ValueError(f"node {dep.name!r} belongs to another graph")
+        self._append(node)
+        doomed = self._error is not None
+        for dep in deps:
+            status = dep._status
+            if status > _DONE:  # failed or cancelled: this node can never run
+                doomed = True
+            elif status < _DONE:
+                node._unresolved += 1
+                dependents = dep._dependents
+                if dependents is None:
+                    dep._dependents = node
+                elif isinstance(dependents, list):
+                    dependents.append(node)
+                else:
+                    dep._dependents = [dependents, node]
+        if doomed:
+            self._cancel(node, trio.current_time())
+        elif node._unresolved == 0:
+            self._push_ready(node)
+            self._run_ready(trio.current_time())
+
+    # ------------------------------------------------------------------ running nodes
+
+    def _push_ready(self, node: Node[Any]) -> None:
+        node._next_ready = self._ready
+        self._ready = node
+
+    def _run_ready(self, now: float) -> None:
+        """Start every ready node; iterative, so long chains of transforms cannot recurse."""
+        if self._starting:
+            return
+        self._starting = True
+        try:
+            while self._ready is not None:
+                node = self._ready
+                self._ready = node._next_ready
+                node._next_ready = None
+                if node._status != _PENDING:
+                    continue
+                if self._error is not None:
+                    self._cancel(node, now)
+                elif node.kind == "call":
+                    self._start_call(node, now)
+                elif node.kind == "apply":
+                    self._run_apply(node, now)
+                else:
+                    self._start_spawn(node, now)  # type: ignore[arg-type]
+        finally:
+            self._starting = False
+
+    def _start_call(self, node: Node[Any], now: float) -> None:
+        node._status = _RUNNING
+        node.start = node.t0 = now
+        node.item = _substitute(node._args)
+        try:
+            node._fn._submit_nowait(node)
+        except Exception as exc:  # closed or overloaded: the node fails like any other
+            self._fail(node, exc, now)
+
+    def _run_apply(self, node: Node[Any], now: float) -> None:
+        node._status = _RUNNING
+        node.start = now
+        args = [_substitute(arg) for arg in node._args]
+        try:
+            if node._kwargs:
+                value = node._fn(*args, **{k: _substitute(v) for k, v in node._kwargs.items()})
+            else:
+                value = node._fn(*args)
+        except BaseException as exc:  # it runs on someone else's task: never let it escape
+            self._fail(node, exc, now)
+        else:
+            self._resolve(node, value, now)
+
+    def _resolve(self, node: Node[Any], value: Any, now: float) -> None:
+        node._value = value
+        node._status = _DONE
+        node.end = now
+        self._finished(node)
+        dependents = node._dependents
+        if dependents is not None:
+            node._dependents = None
+            if isinstance(dependents, list):
+                for dependent in dependents:
+                    dependent._unresolved -= 1
+                    if dependent._unresolved == 0:
+                        self._push_ready(dependent)
+            else:
+                dependents._unresolved -= 1
+                if dependents._unresolved == 0:
+                    self._push_ready(dependents)
+            self._run_ready(now)
+
+    def _fail(self, node: Node[Any], error: BaseException, now: float) -> None:
+        node._error = error
+        node._status = _FAILED
+        node.end = now
+        node._dependents = None
+        self._finished(node)
+        if self._error is None:
+            self._error = error
+            self._cancel_all(now)
+
+    def _finished(self, node: Node[Any]) -> None:
+        if node._waiters:
+            node._wake_waiters()
+        self._unfinished -= 1
+        if self._unfinished == 0:
+            self._wake_exit()
+
+    def _cancel(self, node: Node[Any], now: float) -> None:
+        """Stop an unfinished node; a running spawned node finishes when its task does."""
+        if node._status == _RUNNING:
+            if node.kind == "spawn":
+                return  # its task is cancelled with the graph's nursery
+            if node.kind == "call":
+                node._fn._withdraw(node)
+        node._status = _CANCELLED
+        node.end = now
+        node._dependents = None
+        self._finished(node)
+
+    def _cancel_all(self, now: float) -> None:
+        node = self._first
+        while node is not None:
+            if node._status < _DONE:
+                self._cancel(node, now)
+            node = node._next
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        if self._spawn_queue:
+            for node in self._spawn_queue:
+                node._status = _PENDING  # never started: cancel it here
+                self._cancel(node, now)
+            self._spawn_queue.clear()
+
+    # ------------------------------------------------------------------ spawned nodes
+
+    def _start_spawn(self, node: _SpawnNode[Any], now: float) -> None:
+        node._status = _RUNNING
+        if self._nursery is not None:
+            self._nursery.start_soon(self._run_spawned, node, name=node.name)
+        elif self._host_running:  # the nursery's task is on its way
+            assert self._spawn_queue is not None
+            self._spawn_queue.append(node)
+        else:
+            self._spawn_queue = [node]
+            self._host_running = True
+            trio.lowlevel.spawn_system_task(
+                self._host,
+                name=f"mcs.Graph({self.name}).nursery",
+                context=contextvars.copy_context(),
+            )
+
+    async def _host(self) -> None:
+        """Own the graph's nursery for spawned nodes until the graph is finished."""
+        try:
+            async with trio.open_nursery() as nursery:
+                if self._deadline is not None:
+                    nursery.cancel_scope.deadline = self._deadline
+                self._nursery = nursery
+                queue, self._spawn_queue = self._spawn_queue or [], []
+                for node in queue:
+                    nursery.start_soon(self._run_spawned, node, name=node.name)
+                if self._error is not None:
+                    nursery.cancel_scope.cancel()
+                self._host_task = current_task()
+                await _park(self._abort_host)
+        finally:
+            self._nursery = None
+            self._host_task = None
+            self._host_running = False
+            self._wake_exit()
+
+    def _abort_host(self, _: RaiseCancelT) -> Abort:
+        self._host_task = None
+        return Abort.SUCCEEDED
+
+    async def _run_spawned(self, node: _SpawnNode[Any]) -> None:
+        now = trio.current_time()
+        node.start = now
+        if node._status != _RUNNING:  # cancelled before its task got going
+            return
+        args = [_substitute(arg) for arg in node._args]
+        kwargs = {k: _substitute(v) for k, v in node._kwargs.items()} if node._kwargs else {}
+        try:
+            value = await node._fn(*args, **kwargs)
+        except BaseException as exc:
+            # Swallowed here and raised by the graph: a spawned node's error is the graph's
+            # error, and a Cancelled means the graph's nursery was cancelled (failure or
+            # deadline), which the request task sees for itself.
+            now = trio.current_time()
+            if _is_cancellation(exc):
+                self._cancel_spawned(node, now)
+            else:
+                self._fail(node, exc, now)
+        else:
+            self._resolve(node, value, trio.current_time())
+
+    def _cancel_spawned(self, node: _SpawnNode[Any], now: float) -> None:
+        node._status = _CANCELLED
+        node.end = now
+        node._dependents = None
+        self._finished(node)
+        if self._error is None:
+            self._cancel_all(now)
+
+    # ------------------------------------------------------------------ the block
+
+    async def __aenter__(self) -> Graph:
+        if self._phase != _NEW:
+            raise RuntimeError(f"graph {self.name!r} was already entered; open a new one")
+        self._phase = _OPEN
+        self.start = trio.current_time()
+        if self._timeout is not None:
+            self._scope = trio.CancelScope(deadline=self.start + self._timeout)
+            self._scope.__enter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        error = exc
+        if error is None:
+            try:
+                if self._unfinished and not self._host_running:
+                    # the common case, inlined: one park, woken by the last node to finish
+                    self._exit_waiter = current_task()
+                    await _park(self._abort_exit)
+                    if self._unfinished or self._host_running:
+                        await self._wait_finished()
+                else:
+                    await self._wait_finished()
+            except BaseException as cancelled:  # Cancelled (deadline, timeout) or interrupt
+                error = cancelled
+        if error is not None and (self._unfinished or self._host_running):
+            self._cancel_all(trio.current_time())
+            with trio.CancelScope(shield=True):
+                await self._wait_finished()
+        self._close()
+        if error is None:
+            error = self._error
+        scope = self._scope
+        if scope is not None:
+            self._scope = None
+            if error is None:
+                scope.__exit__(None, None, None)
+            elif scope.__exit__(type(error), error, error.__traceback__):
+                raise trio.TooSlowError(
+                    f"graph {self.name!r} timed out after {self._timeout} s"
+                ) from None
+        if error is None or error is exc:
+            return False  # the block's own exception propagates as it is
+        try:
+            raise error
+        finally:
+            del error
+
+    async def _wait_finished(self) -> None:
+        """Park the request task until every node and the spawn nursery are finished."""
+        if not self._unfinished and not self._host_running:
+            await trio.lowlevel.checkpoint()
+            return
+        while self._unfinished or self._host_running:
+            if not self._unfinished and self._host_task is not None:
+                task, self._host_task = self._host_task, None
+                reschedule(task)  # every node is done: let the nursery close
+            self._exit_waiter = current_task()
+            await _park(self._abort_exit)
+
+    def _abort_exit(self, _: RaiseCancelT) -> Abort:
+        self._exit_waiter = None
+        return Abort.SUCCEEDED
+
+    def _wake_exit(self) -> None:
+        task = self._exit_waiter
+        if task is not None:
+            self._exit_waiter = None
+            reschedule(task)
+
+    def _close(self) -> None:
+        self._phase = _CLOSED
+        node = self._first
+        while node is not None:
+            node._graph = None  # break node <-> graph cycles so the GC need not
+            node = node._next
+
+    # ------------------------------------------------------------------ trace
+
+    def trace(self) -> GraphTrace:
+        """Every node's name, kind, dependencies, start and end times and outcome, with the
+        critical path; ``print(g.trace())`` shows a text timeline."""
+        nodes = self._nodes()
+        index = {id(node): i for i, node in enumerate(nodes)}
+        traces = tuple(
+            NodeTrace(
+                index=i,
+                name=node.name,
+                kind=node.kind,
+                deps=tuple(index[id(dep)] for dep in node._dependencies()),
+                start=node.start,
+                end=node.end,
+                outcome=_OUTCOMES[node._status],
+                error=node._error,
+            )
+            for i, node in enumerate(nodes)
+        )
+        return GraphTrace(self.name, self.start, traces, _critical_path(traces))
+
+
+Graph.__module__ = "mcs"
+
+
+def _critical_path(traces: tuple[NodeTrace, ...]) -> tuple[NodeTrace, ...]:
+    finished = [t for t in traces if not math.isnan(t.end)]
+    if not finished:
+        return ()
+    path = [max(finished, key=lambda t: t.end)]
+    while True:
+        deps = [traces[d] for d in path[-1].deps if not math.isnan(traces[d].end)]
+        if not deps:
+            break
+        path.append(max(deps, key=lambda t: t.end))
+    return tuple(reversed(path))
+
+
+def _is_async_function(fn: object) -> bool:
+    code = getattr(fn, "__code__", None)
+    if code is not None:  # a plain function: read the flag instead of asking inspect
+        return bool(code.co_flags & inspect.CO_COROUTINE)
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+    )
+
+
+def _name_of(fn: object) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return False
+
+
+def open_graph(*, timeout: float | None = None, name: str | None = None) -> Graph:
+    """Open a graph for one request: ``async with mcs.open_graph() as g: ...``.
+
+    Args:
+        timeout: seconds the whole graph may take; past it, every unfinished node is cancelled
+            and the block raises :exc:`trio.TooSlowError`. Enclosing deadlines apply too.
+        name: a name for traces and errors.
+
+    Returns:
+        A :class:`Graph`, to be used once as an async context manager. The block raises the
+        first node failure itself (not wrapped in an exception group) after cancelling the
+        other nodes; see the module documentation for the full policy.
+
+    Raises:
+        TypeError, ValueError: for a bad ``timeout`` or ``name``.
+    """
+    return Graph(timeout=timeout, name=name)
