@@ -60,6 +60,7 @@ _IN_FLIGHT: Final = 2  # sent to batch_fn
 _DONE: Final = 3  # result delivered
 _WITHDRAWN: Final = 4  # cancelled before it was sent; never reaches batch_fn
 _DROPPED: Final = 5  # cancelled while in flight; its result is discarded
+_RAISED: Final = 6  # a caller's record whose delivered result is an error
 
 # What the parked dispatcher waits for, so that events wake it only when it can make progress.
 _RUNNING: Final = 0
@@ -93,7 +94,7 @@ class _Request(Generic[K, V]):
 class _Caller(_Request[K, V]):
     """A record for a task that called the batcher and is parked until its result arrives."""
 
-    __slots__ = ("batcher", "error", "item", "state", "t0", "task", "tb", "value")
+    __slots__ = ("batcher", "item", "result", "state", "t0", "task", "tb")
 
     def __init__(self, batcher: Batcher[K, V], item: K, task: Task, t0: float) -> None:
         self.batcher = batcher
@@ -101,22 +102,20 @@ class _Caller(_Request[K, V]):
         self.task: Task | None = task
         self.t0 = t0
         self.state = _QUEUED
-        self.value: V | None = None
-        self.error: BaseException | None = None
+        self.result: V | BaseException | None = None
         self.tb: TracebackType | None = None
 
     def _deliver_value(self, value: V, now: float) -> None:
-        self.value = value
+        self.result = value
         task, self.task = self.task, None
-        assert task is not None
-        reschedule(task)
+        reschedule(task)  # type: ignore[arg-type]
 
     def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
-        self.error = error
+        self.result = error
         self.tb = tb
+        self.state = _RAISED
         task, self.task = self.task, None
-        assert task is not None
-        reschedule(task)
+        reschedule(task)  # type: ignore[arg-type]
 
     def abort(self, _: RaiseCancelT) -> Abort:
         self.task = None
@@ -124,13 +123,14 @@ class _Caller(_Request[K, V]):
         return Abort.SUCCEEDED
 
     def unwrap(self) -> V:
-        error = self.error
-        if error is None:
-            return self.value  # type: ignore[return-value]
+        if self.state != _RAISED:
+            return self.result  # type: ignore[return-value]
         # Every caller of a failed batch raises the same exception object: reset its traceback
         # so that each one shows batch_fn's frames under its own, not under the previous
         # caller's. Drop our references so no frame-traceback cycle outlives the call.
-        self.error = None
+        error = self.result
+        assert isinstance(error, BaseException)
+        self.result = None
         try:
             raise error.with_traceback(self.tb)
         finally:
@@ -169,11 +169,13 @@ class Batcher(Generic[K, V]):
     """
 
     __slots__ = (
+        "__qualname__",
         "_batch_cap",
         "_batch_fn",
         "_batch_times",
         "_batches",
         "_callers_served",
+        "_clock",
         "_dead",
         "_dedupe",
         "_dispatcher",
@@ -239,6 +241,9 @@ class Batcher(Generic[K, V]):
 
         self._batch_fn = batch_fn
         self.name: str = name if name is not None else _describe(batch_fn)
+        # trio names a task after its function: `nursery.start_soon(batcher, item)` would
+        # otherwise call repr() on every spawn.
+        self.__qualname__ = f"Batcher({self.name})"
         self._max_wait = float(max_wait)
         self._max_in_flight = max_in_flight
         self._rate = rate
@@ -259,7 +264,8 @@ class Batcher(Generic[K, V]):
         self._room_waiting = 0
         self._room_dead = 0
         self._in_flight = 0
-        self._intake_closed = False
+        self._intake_closed = True  # until the batcher is started
+        self._clock: trio.abc.Clock | None = None
         self._nursery: trio.Nursery | None = None
         self._dispatcher: Task | None = None  # set while the dispatcher is parked
         self._waiting_for = _RUNNING
@@ -294,7 +300,8 @@ class Batcher(Generic[K, V]):
         if self._intake_closed or (self._reject and self._queued >= self._queue_size):
             await trio.lowlevel.checkpoint()
             self._refuse()
-        request: _Caller[K, V] = _Caller(self, item, current_task(), trio.current_time())
+        assert self._clock is not None
+        request: _Caller[K, V] = _Caller(self, item, current_task(), self._clock.current_time())
         self._accept(request)
         await _park(request.abort)
         return request.unwrap()
@@ -352,6 +359,10 @@ class Batcher(Generic[K, V]):
     # ------------------------------------------------------------------ intake (sync)
 
     def _refuse(self) -> None:
+        if self._clock is None:
+            raise RuntimeError(
+                f"batcher {self.name!r} is not open: use 'async with mcs.open_batcher(...)'"
+            )
         if self._intake_closed:
             raise trio.ClosedResourceError(f"batcher {self.name!r} is closed")
         self._rejected += 1
@@ -407,18 +418,16 @@ class Batcher(Generic[K, V]):
     def _take(self, limit: int, now: float) -> list[_Request[K, V]]:
         """Move up to ``limit`` live records from the queue into a new batch."""
         batch: list[_Request[K, V]] = []
-        waits: list[float] = []
         queue = self._queue
         while queue and len(batch) < limit:
             request = queue.popleft()
             if request.state == _QUEUED:
                 request.state = _IN_FLIGHT
                 batch.append(request)
-                waits.append(now - request.t0)
             else:
                 self._dead -= 1
         self._queued -= len(batch)
-        self._queue_waits.extend(waits)
+        self._queue_waits.extend([now - request.t0 for request in batch])
         # Room freed up: admit callers blocked on a full queue, oldest first.
         room = self._room
         while room and self._queued < self._queue_size:
@@ -443,6 +452,8 @@ class Batcher(Generic[K, V]):
 
     def _start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        self._clock = trio.lowlevel.current_clock()
+        self._intake_closed = False
         self._saturation = _Saturation(trio.current_time())
         nursery.start_soon(self._dispatch_loop, name=f"mcs.Batcher({self.name}).dispatcher")
 
@@ -641,10 +652,17 @@ class Batcher(Generic[K, V]):
             problem = f"must return a sequence or a mapping, got {type(results).__name__}"
         elif len(results) != len(items):
             problem = f"returned {len(results)} results for {len(items)} items"
-        elif index is None:
+        elif index is None:  # the hot path: the loop of _settle, inlined
+            served = 0
             for request, value in zip(batch, results, strict=True):
                 if request.state == _IN_FLIGHT:
-                    self._settle(request, value, now)
+                    request.state = _DONE
+                    served += 1
+                    if isinstance(value, BaseException):
+                        request._deliver_error(value, value.__traceback__, now)
+                    else:
+                        request._deliver_value(value, now)
+            self._callers_served += served
             return
         else:
             for request, position in zip(batch, index, strict=True):

@@ -291,7 +291,7 @@ class GraphTrace:
             start = n.start - self.start
             end = n.end - self.start
             if span > 0 and not math.isnan(start) and not math.isnan(end):
-                left = round(start / span * width)
+                left = min(width - 1, round(start / span * width))
                 right = max(left + 1, round(end / span * width))
                 bar = " " * left + "#" * (right - left) + " " * (width - right)
             else:
@@ -317,6 +317,7 @@ class Graph:
     """
 
     __slots__ = (
+        "_closing",
         "_deadline",
         "_error",
         "_exit_waiter",
@@ -360,6 +361,7 @@ class Graph:
         self._spawn_queue: list[_SpawnNode[Any]] | None = None
         self._host_running = False
         self._host_task: Task | None = None
+        self._closing = False  # the block's body is done: no more nodes from it
         self.start = math.nan
 
     def __repr__(self) -> str:
@@ -601,6 +603,8 @@ class Graph:
         self._unfinished -= 1
         if self._unfinished == 0:
             self._wake_exit()
+            if self._closing:
+                self._wake_host()
 
     def _cancel(self, node: Node[Any], now: float) -> None:
         """Stop an unfinished node; a running spawned node finishes when its task does."""
@@ -658,8 +662,11 @@ class Graph:
                     nursery.start_soon(self._run_spawned, node, name=node.name)
                 if self._error is not None:
                     nursery.cancel_scope.cancel()
-                self._host_task = current_task()
-                await _park(self._abort_host)
+                # Stay until the block is done and so is every node: until then the block or a
+                # spawned task may spawn more.
+                while not self._closing or self._unfinished:
+                    self._host_task = current_task()
+                    await _park(self._abort_host)
         finally:
             self._nursery = None
             self._host_task = None
@@ -669,6 +676,12 @@ class Graph:
     def _abort_host(self, _: RaiseCancelT) -> Abort:
         self._host_task = None
         return Abort.SUCCEEDED
+
+    def _wake_host(self) -> None:
+        task = self._host_task
+        if task is not None:
+            self._host_task = None
+            reschedule(task)
 
     async def _run_spawned(self, node: _SpawnNode[Any]) -> None:
         now = trio.current_time()
@@ -717,6 +730,9 @@ class Graph:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        self._closing = True
+        if not self._unfinished:
+            self._wake_host()
         error = exc
         if error is None:
             try:
@@ -759,9 +775,6 @@ class Graph:
             await trio.lowlevel.checkpoint()
             return
         while self._unfinished or self._host_running:
-            if not self._unfinished and self._host_task is not None:
-                task, self._host_task = self._host_task, None
-                reschedule(task)  # every node is done: let the nursery close
             self._exit_waiter = current_task()
             await _park(self._abort_exit)
 
