@@ -36,6 +36,7 @@ from types import TracebackType
 from typing import Any, Final, Generic, Literal, TypeVar
 
 import attrs
+import outcome
 import trio
 from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, reschedule
 from trio.lowlevel import wait_task_rescheduled as _park
@@ -327,8 +328,10 @@ class Graph:
         "_last",
         "_nursery",
         "_phase",
+        "_raise_cancel",
         "_ready",
         "_scope",
+        "_short_exit",
         "_spawn_queue",
         "_starting",
         "_timeout",
@@ -362,6 +365,8 @@ class Graph:
         self._host_running = False
         self._host_task: Task | None = None
         self._closing = False  # the block's body is done: no more nodes from it
+        self._raise_cancel: RaiseCancelT | None = None
+        self._short_exit = False  # the request task is parked in the short __aexit__
         self.start = math.nan
 
     def __repr__(self) -> str:
@@ -724,26 +729,29 @@ class Graph:
             self._scope.__enter__()
         return self
 
-    async def __aexit__(
+    def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> Awaitable[bool | None]:
         self._closing = True
+        if exc is None and self._unfinished and self._scope is None and not self._host_running:
+            # The common case, with no coroutine of our own: park the request task directly;
+            # whoever finishes the graph (the last node, or a cancellation) completes the exit
+            # and hands the task its outcome. See _wake_exit and _abort_exit.
+            self._exit_waiter = current_task()
+            self._short_exit = True
+            return _park(self._abort_exit)  # noqa: ASYNC105 - awaited by `async with`
+        return self._exit(exc)
+
+    async def _exit(self, exc: BaseException | None) -> bool:
         if not self._unfinished:
             self._wake_host()
         error = exc
         if error is None:
             try:
-                if self._unfinished and not self._host_running:
-                    # the common case, inlined: one park, woken by the last node to finish
-                    self._exit_waiter = current_task()
-                    await _park(self._abort_exit)
-                    if self._unfinished or self._host_running:
-                        await self._wait_finished()
-                else:
-                    await self._wait_finished()
+                await self._wait_finished()
             except BaseException as cancelled:  # Cancelled (deadline, timeout) or interrupt
                 error = cancelled
         if error is not None and (self._unfinished or self._host_running):
@@ -776,17 +784,47 @@ class Graph:
             return
         while self._unfinished or self._host_running:
             self._exit_waiter = current_task()
-            await _park(self._abort_exit)
+            await _park(self._abort_wait)
 
-    def _abort_exit(self, _: RaiseCancelT) -> Abort:
+    def _abort_wait(self, _: RaiseCancelT) -> Abort:
         self._exit_waiter = None
+        return Abort.SUCCEEDED
+
+    def _abort_exit(self, raise_cancel: RaiseCancelT) -> Abort:
+        """The request task was cancelled while parked in the short ``__aexit__``."""
+        task, self._exit_waiter = self._exit_waiter, None  # so that cancelling wakes no one
+        self._cancel_all(trio.current_time())
+        if self._unfinished or self._host_running:
+            # Spawned tasks are still unwinding: stay parked; _wake_exit raises the Cancelled
+            # into the task once they are gone, as a nursery would.
+            self._exit_waiter = task
+            self._raise_cancel = raise_cancel
+            return Abort.FAILED
+        self._short_exit = False
+        self._close()
         return Abort.SUCCEEDED
 
     def _wake_exit(self) -> None:
         task = self._exit_waiter
-        if task is not None:
+        if task is None:
+            return
+        if not self._short_exit:  # a waiter in _wait_finished: it re-checks for itself
             self._exit_waiter = None
             reschedule(task)
+            return
+        if self._unfinished or self._host_running:
+            return
+        # Completing the short __aexit__: the graph is finished.
+        self._exit_waiter = None
+        self._short_exit = False
+        self._close()
+        raise_cancel, self._raise_cancel = self._raise_cancel, None
+        if raise_cancel is not None:
+            reschedule(task, outcome.capture(raise_cancel))
+        elif self._error is not None:
+            reschedule(task, outcome.Error(self._error))
+        else:
+            reschedule(task)  # __aexit__ returns None: nothing to swallow
 
     def _close(self) -> None:
         self._phase = _CLOSED
