@@ -5,6 +5,7 @@ requests need the same downstream I/O, a batcher (:func:`open_batcher`) coalesce
 into one batched call, splits the results back, and enforces rate and in-flight limits.
 """
 
+from ._autoscale import autoscale as autoscale
 from ._batcher import Batcher as Batcher
 from ._batcher import BatchFn as BatchFn
 from ._batcher import open_batcher as open_batcher
@@ -35,6 +36,7 @@ __all__ = [
     "Overloaded",
     "Percentiles",
     "RateLimit",
+    "autoscale",
     "open_batcher",
     "open_graph",
 ]

@@ -174,12 +174,14 @@ class Batcher(Generic[K, V]):
         "_batch_fn",
         "_batch_times",
         "_batches",
+        "_busy_time",
         "_callers_served",
         "_clock",
         "_dead",
         "_dedupe",
         "_dispatcher",
         "_dropped",
+        "_failed_batches",
         "_gcra",
         "_in_flight",
         "_intake_closed",
@@ -271,6 +273,8 @@ class Batcher(Generic[K, V]):
         self._waiting_for = _RUNNING
 
         self._batches = 0
+        self._busy_time = 0.0
+        self._failed_batches = 0
         self._items = 0
         self._callers_served = 0
         self._peak_batch = 0
@@ -341,6 +345,8 @@ class Batcher(Generic[K, V]):
             peak_batch_size=self._peak_batch,
             queue_wait=self._queue_waits.summary(),
             batch_time=self._batch_times.summary(),
+            busy_time=self._busy_time,
+            failed_batches=self._failed_batches,
             rejected=self._rejected,
             withdrawn=self._withdrawn,
             dropped=self._dropped,
@@ -589,6 +595,7 @@ class Batcher(Generic[K, V]):
         try:
             results = await self._batch_fn(items)
         except Exception as exc:
+            self._failed_batches += 1
             self._fail_batch(batch, exc, exc.__traceback__, self._batch_done(started))
         except BaseException as exc:
             # Cancelled (the batcher is shutting down) or KeyboardInterrupt: the callers must
@@ -606,6 +613,7 @@ class Batcher(Generic[K, V]):
         """Free the batch's slot; returns the time, which is also each result's time."""
         now = trio.current_time()
         self._batch_times.add(now - started)
+        self._busy_time += now - started
         was_saturated = self._in_flight >= self._max_in_flight
         self._in_flight -= 1
         if was_saturated:

@@ -115,6 +115,9 @@ class BatcherStatistics:
         peak_batch_size: the largest batch so far.
         queue_wait: time from a call to its batch starting (recent callers).
         batch_time: duration of batch_fn calls (recent batches).
+        busy_time: total seconds spent in batch_fn calls, summed over calls (so two concurrent
+            calls of one second add two); with ``batches``, the mean call time over any period.
+        failed_batches: batch_fn calls that raised.
         rejected: calls refused with :exc:`mcs.Overloaded`.
         withdrawn: callers cancelled before their item was sent (their items never reached
             batch_fn).
@@ -137,6 +140,8 @@ class BatcherStatistics:
     peak_batch_size: int
     queue_wait: Percentiles
     batch_time: Percentiles
+    busy_time: float
+    failed_batches: int
     rejected: int
     withdrawn: int
     dropped: int
