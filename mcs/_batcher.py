@@ -302,8 +302,11 @@ class Batcher(Generic[K, V]):
             Exception: the item's own error, or whatever batch_fn raised for its batch.
         """
         if self._intake_closed or (self._reject and self._queued >= self._queue_size):
-            await trio.lowlevel.checkpoint()
-            self._refuse()
+            refusal = self._refusal()  # decided now, raised after the checkpoint
+            await trio.lowlevel.checkpoint()  # a cancelled caller is cancelled, not refused
+            if isinstance(refusal, Overloaded):
+                self._rejected += 1
+            raise refusal
         assert self._clock is not None
         request: _Caller[K, V] = _Caller(self, item, current_task(), self._clock.current_time())
         self._accept(request)
@@ -364,15 +367,15 @@ class Batcher(Generic[K, V]):
 
     # ------------------------------------------------------------------ intake (sync)
 
-    def _refuse(self) -> None:
+    def _refusal(self) -> Exception:
+        """The error for a call that cannot be accepted now."""
         if self._clock is None:
-            raise RuntimeError(
+            return RuntimeError(
                 f"batcher {self.name!r} is not open: use 'async with mcs.open_batcher(...)'"
             )
         if self._intake_closed:
-            raise trio.ClosedResourceError(f"batcher {self.name!r} is closed")
-        self._rejected += 1
-        raise Overloaded(f"batcher {self.name!r} is full ({self._queued} items queued)")
+            return trio.ClosedResourceError(f"batcher {self.name!r} is closed")
+        return Overloaded(f"batcher {self.name!r} is full ({self._queued} items queued)")
 
     def _submit_nowait(self, request: _Request[K, V]) -> None:
         """Accept a record without parking anyone (the graph's entry point).
@@ -380,7 +383,10 @@ class Batcher(Generic[K, V]):
         Raises the same errors as a call that is refused, synchronously.
         """
         if self._intake_closed or (self._reject and self._queued >= self._queue_size):
-            self._refuse()
+            refusal = self._refusal()
+            if isinstance(refusal, Overloaded):
+                self._rejected += 1
+            raise refusal
         self._accept(request)
 
     def _accept(self, request: _Request[K, V]) -> None:
@@ -409,6 +415,10 @@ class Batcher(Generic[K, V]):
             if self._dead > 64 and self._dead > self._queued:
                 self._queue = deque(r for r in self._queue if r.state == _QUEUED)
                 self._dead = 0
+            if self._room_waiting:
+                self._admit_from_room()
+                if self._waiting_for == _FOR_ITEMS:
+                    self._wake_dispatcher()
         elif state == _ROOM:
             request.state = _WITHDRAWN
             self._room_waiting -= 1
@@ -434,18 +444,22 @@ class Batcher(Generic[K, V]):
                 self._dead -= 1
         self._queued -= len(batch)
         self._queue_waits.extend([now - request.t0 for request in batch])
-        # Room freed up: admit callers blocked on a full queue, oldest first.
+        if self._room_waiting:
+            self._admit_from_room()
+        return batch
+
+    def _admit_from_room(self) -> None:
+        """Room freed up: admit callers blocked on a full queue, oldest first."""
         room = self._room
         while room and self._queued < self._queue_size:
             request = room.popleft()
             if request.state == _ROOM:
                 request.state = _QUEUED
-                queue.append(request)
+                self._queue.append(request)
                 self._queued += 1
                 self._room_waiting -= 1
             else:
                 self._room_dead -= 1
-        return batch
 
     def _oldest_queued(self) -> _Request[K, V]:
         queue = self._queue
@@ -475,14 +489,12 @@ class Batcher(Generic[K, V]):
     def _abort(self) -> None:
         """The batcher's block failed or was cancelled: fail everything not yet in flight."""
         self._intake_closed = True
-        self._fail_room(
-            trio.ClosedResourceError(f"batcher {self.name!r} closed before this item was accepted")
-        )
-        queue, self._queue = self._queue, deque()
-        self._queued = self._dead = 0
         error = trio.BrokenResourceError(
             f"batcher {self.name!r} was shut down before this item was processed"
         )
+        self._fail_room(error)
+        queue, self._queue = self._queue, deque()
+        self._queued = self._dead = 0
         now = trio.current_time()
         for request in queue:
             if request.state == _QUEUED:
@@ -537,6 +549,7 @@ class Batcher(Generic[K, V]):
 
     async def _next_batch(self) -> list[_Request[K, V]] | None:
         """Wait until a batch may leave, then take it; None once closed and drained."""
+        waited_for_rate = False
         while True:
             if self._in_flight >= self._max_in_flight:
                 await self._park_dispatcher(_FOR_SLOT)
@@ -555,10 +568,14 @@ class Batcher(Generic[K, V]):
                     continue
             gcra = self._gcra
             if gcra is not None:
+                # Counting items, wait until the whole queued batch fits: under load the
+                # downstream then sees full batches at the limited rate, not single items.
                 units = min(self._queued, cap) if self._rate_unit_items else 1
                 ready = gcra.ready_at(units, now)
                 if ready > now:
-                    self._rate_waits += 1
+                    if not waited_for_rate:  # one wait per batch, however often it re-waits
+                        waited_for_rate = True
+                        self._rate_waits += 1
                     await self._park_dispatcher(_FOR_RATE, ready)
                     self._rate_wait_time += trio.current_time() - now
                     continue

@@ -28,8 +28,10 @@ __all__ = ["RateLimit"]
 
 
 def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
@@ -46,9 +48,9 @@ class RateLimit:
     start. Callers wait for their turn in arrival order; the limit never drops an item.
 
     Raises:
-        TypeError: if ``count``, ``per`` or ``burst`` is not a number.
-        ValueError: if one is not positive, ``burst`` is not a whole number, or ``unit`` is
-            neither ``"call"`` nor ``"item"``.
+        TypeError: if ``count`` or ``per`` is not a number, or ``burst`` is not an int.
+        ValueError: if one is not positive or not finite, or ``unit`` is neither ``"call"``
+            nor ``"item"``.
     """
 
     count: float
