@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import math
+import types
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from types import TracebackType
 from typing import Any, Final, Generic, Literal, TypeVar
@@ -80,7 +81,8 @@ class Node(_Request[Any, Any], Generic[T]):
     # Every object here is tracked by the cyclic GC while the request lives, and with tens of
     # thousands of live requests the collector's walks dominate: so no per-node lists or tuples
     # in the common shapes (one dependent is stored bare, the graph's nodes and its ready queue
-    # are linked through the nodes themselves, dependencies are re-derived for traces).
+    # are linked through the nodes themselves, dependencies are re-derived for traces), and no
+    # reference cycle survives the request (see Graph._close).
     __slots__ = (
         "_after",
         "_args",
@@ -89,8 +91,8 @@ class Node(_Request[Any, Any], Generic[T]):
         "_fn",
         "_graph",
         "_kwargs",
-        "_next",
         "_next_ready",
+        "_previous",
         "_status",
         "_unresolved",
         "_value",
@@ -121,7 +123,7 @@ class Node(_Request[Any, Any], Generic[T]):
         self._status = _PENDING
         self._unresolved = 0
         self._dependents: Node[Any] | list[Node[Any]] | None = None
-        self._next: Node[Any] | None = None
+        self._previous: Node[Any] | None = None
         self._next_ready: Node[Any] | None = None
         self._waiters: list[Task] | None = None
         self._value: T | None = None
@@ -322,7 +324,6 @@ class Graph:
         "_deadline",
         "_error",
         "_exit_waiter",
-        "_first",
         "_host_running",
         "_host_task",
         "_last",
@@ -351,7 +352,9 @@ class Graph:
         self.name = name if name is not None else "graph"
         self._timeout = timeout
         self._phase = _NEW
-        self._first: Node[Any] | None = None  # the nodes, linked through Node._next
+        # The nodes, linked backwards through Node._previous: like dependencies, these links
+        # only point at older nodes, so the nodes of a finished graph hold no reference cycle
+        # and are freed by reference counting, not by the cyclic GC.
         self._last: Node[Any] | None = None
         self._unfinished = 0
         self._error: BaseException | None = None
@@ -474,19 +477,18 @@ class Graph:
         raise RuntimeError(f"graph {self.name!r} is closed")
 
     def _append(self, node: Node[Any]) -> None:
-        if self._last is None:
-            self._first = node
-        else:
-            self._last._next = node
+        node._previous = self._last
         self._last = node
         self._unfinished += 1
 
     def _nodes(self) -> list[Node[Any]]:
+        """The nodes in creation order."""
         nodes = []
-        node = self._first
+        node = self._last
         while node is not None:
             nodes.append(node)
-            node = node._next
+            node = node._previous
+        nodes.reverse()
         return nodes
 
     def _add(self, node: Node[Any], after: Iterable[Node[Any]]) -> None:
@@ -624,11 +626,9 @@ class Graph:
         self._finished(node)
 
     def _cancel_all(self, now: float) -> None:
-        node = self._first
-        while node is not None:
+        for node in self._nodes():
             if node._status < _DONE:
                 self._cancel(node, now)
-            node = node._next
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
         if self._spawn_queue:
@@ -828,10 +828,10 @@ class Graph:
 
     def _close(self) -> None:
         self._phase = _CLOSED
-        node = self._first
+        node = self._last
         while node is not None:
             node._graph = None  # break node <-> graph cycles so the GC need not
-            node = node._next
+            node = node._previous
 
     # ------------------------------------------------------------------ trace
 
@@ -873,12 +873,18 @@ def _critical_path(traces: tuple[NodeTrace, ...]) -> tuple[NodeTrace, ...]:
 
 
 def _is_async_function(fn: object) -> bool:
+    # Called for every apply and spawn: answer the common cases without inspect's slow path.
     code = getattr(fn, "__code__", None)
-    if code is not None:  # a plain function: read the flag instead of asking inspect
+    if code is not None:  # a function or method
         return bool(code.co_flags & inspect.CO_COROUTINE)
+    if isinstance(fn, _NEVER_ASYNC):
+        return False
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
     )
+
+
+_NEVER_ASYNC: Final = (types.BuiltinFunctionType, types.MethodWrapperType, type)
 
 
 def _name_of(fn: object) -> str:
