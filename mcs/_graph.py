@@ -34,7 +34,7 @@ import math
 import types
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from types import TracebackType
-from typing import Any, Final, Generic, Literal, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 import attrs
 import outcome
@@ -378,6 +378,26 @@ class Graph:
         return f"<mcs.Graph {self.name!r} {phase}: {nodes}>"
 
     # ------------------------------------------------------------------ building
+
+    @overload
+    def call(
+        self,
+        batcher: Batcher[K, V],
+        item: Node[K],
+        *,
+        name: str | None = None,
+        after: Iterable[Node[Any]] = (),
+    ) -> Node[V]: ...
+
+    @overload
+    def call(
+        self,
+        batcher: Batcher[K, V],
+        item: K,
+        *,
+        name: str | None = None,
+        after: Iterable[Node[Any]] = (),
+    ) -> Node[V]: ...
 
     def call(
         self,
