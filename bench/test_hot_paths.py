@@ -8,8 +8,8 @@ times is the per-call cost including Trio's scheduling, and reports it per call.
 from __future__ import annotations
 
 import operator
-from functools import partial
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import trio
 from pytest_benchmark.fixture import BenchmarkFixture
