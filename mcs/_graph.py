@@ -321,7 +321,6 @@ class Graph:
 
     __slots__ = (
         "_closing",
-        "_deadline",
         "_error",
         "_exit_waiter",
         "_host_running",
@@ -335,6 +334,7 @@ class Graph:
         "_short_exit",
         "_spawn_queue",
         "_starting",
+        "_stopped",
         "_timeout",
         "_unfinished",
         "name",
@@ -358,11 +358,11 @@ class Graph:
         self._last: Node[Any] | None = None
         self._unfinished = 0
         self._error: BaseException | None = None
+        self._stopped = False  # cancelled (by a failure or from outside): no node may start
         self._ready: Node[Any] | None = None  # a stack linked through Node._next_ready
         self._starting = False
         self._exit_waiter: Task | None = None
         self._scope: trio.CancelScope | None = None
-        self._deadline: float | None = None
         self._nursery: trio.Nursery | None = None
         self._spawn_queue: list[_SpawnNode[Any]] | None = None
         self._host_running = False
@@ -422,7 +422,7 @@ class Graph:
         if not isinstance(batcher, Batcher):
             raise TypeError(f"batcher must be a mcs.Batcher, got {batcher!r}")
         node: Node[V] = Node(self, name or batcher.name, batcher, item, None)
-        if after or isinstance(item, Node) or self._error is not None:
+        if after or isinstance(item, Node) or self._stopped:
             self._add(node, after)
         else:  # the common case, kept short: no dependencies
             self._append(node)
@@ -480,11 +480,6 @@ class Graph:
             self._raise_not_open()
         if not _is_async_function(async_fn):
             raise TypeError(f"spawn needs an async function, got {async_fn!r}")
-        if self._deadline is None:
-            # The spawned tasks inherit the deadline in force where the graph spawns first.
-            # Read it here, not at the top of the block: it walks every enclosing cancel scope,
-            # which graphs that never spawn should not pay for.
-            self._deadline = trio.current_effective_deadline()
         node: Node[T] = _SpawnNode(self, name or _name_of(async_fn), async_fn, args, kwargs or None)
         self._add(node, after)
         return node
@@ -523,7 +518,7 @@ class Graph:
             if dep._graph is not self:
                 raise ValueError(f"node {dep.name!r} belongs to another graph")
         self._append(node)
-        doomed = self._error is not None
+        doomed = self._stopped
         for dep in deps:
             status = dep._status
             if status > _DONE:  # failed or cancelled: this node can never run
@@ -561,7 +556,7 @@ class Graph:
                 node._next_ready = None
                 if node._status != _PENDING:
                     continue
-                if self._error is not None:
+                if self._stopped:
                     self._cancel(node, now)
                 elif node.kind == "call":
                     self._start_call(node, now)
@@ -619,9 +614,11 @@ class Graph:
         node._status = _FAILED
         node.end = now
         node._dependents = None
+        first = self._error is None
+        if first:
+            self._error = error  # before _finished: this may be the node that ends the graph
         self._finished(node)
-        if self._error is None:
-            self._error = error
+        if first:
             self._cancel_all(now)
 
     def _finished(self, node: Node[Any]) -> None:
@@ -646,6 +643,7 @@ class Graph:
         self._finished(node)
 
     def _cancel_all(self, now: float) -> None:
+        self._stopped = True
         for node in self._nodes():
             if node._status < _DONE:
                 self._cancel(node, now)
@@ -679,13 +677,13 @@ class Graph:
         """Own the graph's nursery for spawned nodes until the graph is finished."""
         try:
             async with trio.open_nursery() as nursery:
-                if self._deadline is not None:
-                    nursery.cancel_scope.deadline = self._deadline
+                if self._scope is not None:  # the graph's own timeout bounds its tasks
+                    nursery.cancel_scope.deadline = self._scope.deadline
                 self._nursery = nursery
                 queue, self._spawn_queue = self._spawn_queue or [], []
                 for node in queue:
                     nursery.start_soon(self._run_spawned, node, name=node.name)
-                if self._error is not None:
+                if self._stopped:
                     nursery.cancel_scope.cancel()
                 # Stay until the block is done and so is every node: until then the block or a
                 # spawned task may spawn more.
@@ -734,7 +732,7 @@ class Graph:
         node.end = now
         node._dependents = None
         self._finished(node)
-        if self._error is None:
+        if not self._stopped:
             self._cancel_all(now)
 
     # ------------------------------------------------------------------ the block
@@ -883,12 +881,14 @@ def _critical_path(traces: tuple[NodeTrace, ...]) -> tuple[NodeTrace, ...]:
     finished = [t for t in traces if not math.isnan(t.end)]
     if not finished:
         return ()
-    path = [max(finished, key=lambda t: t.end)]
+    # Ties go to the later node: a transform that ends with its last dependency is still the
+    # end of the path.
+    path = [max(finished, key=lambda t: (t.end, t.index))]
     while True:
         deps = [traces[d] for d in path[-1].deps if not math.isnan(traces[d].end)]
         if not deps:
             break
-        path.append(max(deps, key=lambda t: t.end))
+        path.append(max(deps, key=lambda t: (t.end, t.index)))
     return tuple(reversed(path))
 
 
