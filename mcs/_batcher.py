@@ -603,6 +603,17 @@ class Batcher(Generic[K, V]):
         return items, index
 
     async def _run_batch(self, batch: list[_Request[K, V]]) -> None:
+        if any(request.state != _IN_FLIGHT for request in batch):
+            # Callers who left between the dispatcher taking the batch and this task starting:
+            # their items have not reached batch_fn, so they count as withdrawn, not dropped.
+            live = [request for request in batch if request.state == _IN_FLIGHT]
+            self._dropped -= len(batch) - len(live)
+            self._withdrawn += len(batch) - len(live)
+            batch = live
+            if not batch:  # nothing left to send: this was never a batch
+                self._batches -= 1
+                self._release_slot(trio.current_time())
+                return
         items, index = self._items_of(batch)
         size = len(items)
         self._items += size
@@ -631,6 +642,10 @@ class Batcher(Generic[K, V]):
         now = trio.current_time()
         self._batch_times.add(now - started)
         self._busy_time += now - started
+        self._release_slot(now)
+        return now
+
+    def _release_slot(self, now: float) -> None:
         was_saturated = self._in_flight >= self._max_in_flight
         self._in_flight -= 1
         if was_saturated:
@@ -638,7 +653,6 @@ class Batcher(Generic[K, V]):
             self._saturation.update(self._in_flight >= self._max_in_flight, now)
         if self._waiting_for == _FOR_SLOT:
             self._wake_dispatcher()
-        return now
 
     def _fail_batch(
         self,

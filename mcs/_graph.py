@@ -660,6 +660,10 @@ class Graph:
     def _start_spawn(self, node: _SpawnNode[Any], now: float) -> None:
         node._status = _RUNNING
         if self._nursery is not None:
+            if self._nursery.cancel_scope.cancel_called:  # unwinding: the node cannot run
+                node._status = _PENDING
+                self._cancel(node, now)
+                return
             self._nursery.start_soon(self._run_spawned, node, name=node.name)
         elif self._host_running:  # the nursery's task is on its way
             assert self._spawn_queue is not None
@@ -677,8 +681,6 @@ class Graph:
         """Own the graph's nursery for spawned nodes until the graph is finished."""
         try:
             async with trio.open_nursery() as nursery:
-                if self._scope is not None:  # the graph's own timeout bounds its tasks
-                    nursery.cancel_scope.deadline = self._scope.deadline
                 self._nursery = nursery
                 queue, self._spawn_queue = self._spawn_queue or [], []
                 for node in queue:
@@ -690,6 +692,7 @@ class Graph:
                 while not self._closing or self._unfinished:
                     self._host_task = current_task()
                     await _park(self._abort_host)
+                self._nursery = None  # closing: nothing may start in it any more
         finally:
             self._nursery = None
             self._host_task = None
