@@ -96,6 +96,12 @@ def test_minimal() -> None:
     assert "200 callers served by 4 downstream calls; mean batch size 50.0" in result.stdout
 
 
+def test_property_test_example() -> None:
+    result = run_example("property_test.py")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
 def test_tcp_server_self_test() -> None:
     result = run_example("tcp_server.py", "--self-test", "--requests", "300", "--connections", "6")
     assert result.returncode == 0, result.stderr
