@@ -10,13 +10,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from . import w1_batcher, w2_graph3, w3_deps_tree
+from . import w1_batcher, w2_graph3, w3_deps_tree, w5_demo
 from ._harness import Params, Workload, run_workloads, text_report, write_reports
 
 ALL_WORKLOADS: tuple[Workload, ...] = (
     *w1_batcher.WORKLOADS,
     *w2_graph3.WORKLOADS,
     *w3_deps_tree.WORKLOADS,
+    *w5_demo.WORKLOADS,
 )
 
 DEFAULT_RUNS = 5
