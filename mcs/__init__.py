@@ -13,13 +13,13 @@ from ._exceptions import BatchResultError as BatchResultError
 from ._exceptions import MCSError as MCSError
 from ._exceptions import Overloaded as Overloaded
 from ._graph import Graph as Graph
-from ._graph import GraphTrace as GraphTrace
-from ._graph import Node as Node
-from ._graph import NodeTrace as NodeTrace
 from ._graph import open_graph as open_graph
+from ._node import Node as Node
 from ._rate import RateLimit as RateLimit
 from ._stats import BatcherStatistics as BatcherStatistics
 from ._stats import Percentiles as Percentiles
+from ._trace import GraphTrace as GraphTrace
+from ._trace import NodeTrace as NodeTrace
 
 __version__ = "0.1.0.dev0"
 

@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeAlias, TypeVar
+from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar
 
 import trio
 from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, reschedule
@@ -41,6 +41,16 @@ from trio.lowlevel import wait_task_rescheduled as _park
 
 from ._exceptions import BatchResultError, Overloaded
 from ._rate import RateLimit, _Gcra
+from ._requests import (
+    _DONE,
+    _DROPPED,
+    _IN_FLIGHT,
+    _QUEUED,
+    _ROOM,
+    _WITHDRAWN,
+    _Caller,
+    _Request,
+)
 from ._stats import BatcherStatistics, _Samples, _Saturation
 
 __all__ = ["BatchFn", "Batcher", "open_batcher"]
@@ -53,89 +63,12 @@ BatchFn: TypeAlias = Callable[
 ]
 """An async function from a list of items to their results, aligned or keyed by item."""
 
-# The life of a request record. Plain ints: compared on every item.
-_ROOM: Final = 0  # waiting for room in the queue (overload="block")
-_QUEUED: Final = 1  # accepted, waiting for a batch
-_IN_FLIGHT: Final = 2  # sent to batch_fn
-_DONE: Final = 3  # result delivered
-_WITHDRAWN: Final = 4  # cancelled before it was sent; never reaches batch_fn
-_DROPPED: Final = 5  # cancelled while in flight; its result is discarded
-_RAISED: Final = 6  # a caller's record whose delivered result is an error
-
 # What the parked dispatcher waits for, so that events wake it only when it can make progress.
 _RUNNING: Final = 0
 _FOR_SLOT: Final = 1
 _FOR_ITEMS: Final = 2
 _FOR_FILL: Final = 3
 _FOR_RATE: Final = 4
-
-
-class _Request(Generic[K, V]):
-    """One item on its way through a batcher; subclasses say how its result is delivered.
-
-    Subclasses define the slots ``item``, ``state`` and ``t0`` (the time of the call); a graph
-    node is a subclass too, which is why the slots are not declared here (a class can have only
-    one base with a non-empty slot layout).
-    """
-
-    if not TYPE_CHECKING:  # mypy would check subclass assignments against the empty layout
-        __slots__ = ()
-    item: K
-    state: int
-    t0: float
-
-    def _deliver_value(self, value: V, now: float) -> None:
-        raise NotImplementedError
-
-    def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
-        raise NotImplementedError
-
-
-class _Caller(_Request[K, V]):
-    """A record for a task that called the batcher and is parked until its result arrives."""
-
-    __slots__ = ("batcher", "item", "result", "state", "t0", "task", "tb")
-
-    def __init__(self, batcher: Batcher[K, V], item: K, task: Task, t0: float) -> None:
-        self.batcher = batcher
-        self.item = item
-        self.task: Task | None = task
-        self.t0 = t0
-        self.state = _QUEUED
-        self.result: V | BaseException | None = None
-        self.tb: TracebackType | None = None
-
-    def _deliver_value(self, value: V, now: float) -> None:
-        self.result = value
-        task, self.task = self.task, None
-        reschedule(task)  # type: ignore[arg-type]
-
-    def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
-        self.result = error
-        self.tb = tb
-        self.state = _RAISED
-        task, self.task = self.task, None
-        reschedule(task)  # type: ignore[arg-type]
-
-    def abort(self, _: RaiseCancelT) -> Abort:
-        self.task = None
-        self.batcher._withdraw(self)
-        return Abort.SUCCEEDED
-
-    def unwrap(self) -> V:
-        if self.state != _RAISED:
-            return self.result  # type: ignore[return-value]
-        # Every caller of a failed batch raises the same exception object: reset its traceback
-        # so that each one shows batch_fn's frames under its own, not under the previous
-        # caller's. Drop our references so no frame-traceback cycle outlives the call.
-        error = self.result
-        assert isinstance(error, BaseException)
-        self.result = None
-        try:
-            raise error.with_traceback(self.tb)
-        finally:
-            del error
-            self.tb = None
 
 
 def _is_async_callable(fn: object) -> bool:
