@@ -14,9 +14,12 @@ block (or in ``await node``), until the count reaches zero. No nursery, no cance
 Only ``spawn`` (an arbitrary coroutine) needs a task. Its tasks live in a nursery that belongs to
 the graph and is created the first time the graph spawns: because a nursery can only be opened
 with ``async with`` in the task that owns it, and ``spawn`` is a plain call made from inside the
-block, the graph hosts that nursery in a helper task. The graph inherits the request's deadline
-into it, cancels it on failure, and its ``__aexit__`` waits for it to finish, so no task ever
-outlives the block. Graphs that never spawn never pay for it.
+block, the graph hosts that nursery in a helper (system) task. The graph cancels that nursery
+when it fails or when the request is cancelled (the request task sees a deadline or a cancel at
+the end of the block or in ``await node``, and the graph passes it on at once), and its
+``__aexit__`` waits for the nursery to finish, so no task ever outlives the block. Graphs that
+never spawn never pay for it. One difference from a nursery opened in the request task: spawned
+tasks do not see the request's deadline in ``trio.current_effective_deadline()``.
 
 Failure policy. The first node to fail cancels every other node of the graph: pending nodes are
 dropped, batched calls are withdrawn from their batchers (no other graph's calls are touched),
