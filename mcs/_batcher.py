@@ -20,7 +20,7 @@ while all slots are busy.
 Cancellation never disturbs other callers. Each caller owns its record: cancelled while queued,
 the record is marked withdrawn (removed lazily, so withdrawal is O(1)) and never reaches
 batch_fn; cancelled while its batch is in flight, the record is marked dropped and its result is
-discarded when the batch returns. Graph nodes (see ``_graph.py``) are records too: they receive
+discarded when the batch returns. Graph nodes (see ``_node.py``) are records too: they receive
 their result by callback instead of by waking a task, which is how a batched graph node costs no
 task at all.
 """
