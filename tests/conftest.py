@@ -1,4 +1,4 @@
-"""Fixtures shared by the batcher and rate-limit tests.
+"""Fixtures shared by the batcher and rate-limit tests, and the hypothesis profile for CI.
 
 Both are pure helpers that live for the whole test run, so the Hypothesis properties (sync
 tests that call ``trio.run`` themselves) can use them as well as the async tests.
@@ -6,13 +6,22 @@ tests that call ``trio.run`` themselves) can use them as well as the async tests
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 
 import mcs
+
+# A shared CI machine can be slow to generate examples; that is not a failure of the code.
+settings.register_profile(
+    "ci", suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def _rate_bound_violations(starts: Sequence[tuple[float, int]], rate: mcs.RateLimit) -> list[str]:
