@@ -1,0 +1,74 @@
+"""Small helpers shared by the modules: argument checks, names, percentiles, public names.
+
+Argument errors follow one style everywhere: short, lowercase, naming the parameter and the
+value got (``max_batch_size must be >= 1, got 0``), raised at construction.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+__all__ = [
+    "check_int",
+    "check_seconds",
+    "describe",
+    "is_async_callable",
+    "nearest_rank",
+    "public",
+]
+
+_T = TypeVar("_T")
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def check_seconds(name: str, value: object, *, positive: bool = False) -> float:
+    """``value`` as a float if it is a finite number of seconds, >= 0 (or > 0)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be {bound} and finite, got {value!r}")
+    return seconds
+
+
+def is_async_callable(fn: object) -> bool:
+    """Whether calling ``fn`` gives a coroutine: an async function, or an object whose
+    ``__call__`` is one."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+    )
+
+
+def describe(fn: object, default: str) -> str:
+    """A readable name for a function or callable object."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    return name if isinstance(name, str) and name else default
+
+
+def nearest_rank(ordered: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q``-quantile of sorted samples: the smallest sample with at least a
+    share ``q`` of them at or below it (0.0 when there are none)."""
+    if not ordered:
+        return 0.0
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def public(*objects: Any) -> None:
+    """Show ``objects`` as members of ``mcs`` in reprs, tracebacks and docs."""
+    for obj in objects:
+        obj.__module__ = "mcs"
