@@ -18,6 +18,7 @@ __all__ = [
     "is_async_callable",
     "nearest_rank",
     "public",
+    "safe_repr",
 ]
 
 _T = TypeVar("_T")
@@ -72,3 +73,12 @@ def public(*objects: Any) -> None:
     """Show ``objects`` as members of ``mcs`` in reprs, tracebacks and docs."""
     for obj in objects:
         obj.__module__ = "mcs"
+
+
+def safe_repr(obj: object, limit: int = 200) -> str:
+    """``repr(obj)``, shortened, and never raising (error messages must not fail)."""
+    try:
+        text = repr(obj)
+    except Exception:
+        return f"<{type(obj).__name__} object (its repr raised)>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
