@@ -21,6 +21,8 @@ from ._stats import Percentiles as Percentiles
 from ._trace import GraphTrace as GraphTrace
 from ._trace import NodeTrace as NodeTrace
 
+from ._util import public as _public
+
 __version__ = "0.1.0.dev0"
 
 __all__ = [
@@ -40,3 +42,6 @@ __all__ = [
     "open_batcher",
     "open_graph",
 ]
+
+# Reprs, tracebacks and docs show the public names as members of mcs, not of private modules.
+_public(*(globals()[name] for name in __all__ if name != "BatchFn"))

@@ -50,7 +50,7 @@ def park(abort: Callable[[RaiseCancelT], Abort]) -> Awaitable[Any]:
     Returns the awaitable directly (no coroutine of its own: this is on every batched call).
     The caller registers the task *before* calling this, in a KI-protected function.
     """
-    return wait_task_rescheduled(abort)
+    return wait_task_rescheduled(abort)  # noqa: ASYNC105 - awaited by the caller
 
 
 def wake(task: Task) -> None:

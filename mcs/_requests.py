@@ -1,17 +1,31 @@
 """Request records: one item on its way through a batcher, and its states.
 
 A record is all a batcher keeps per item: a slotted object in a deque. A task that calls the
-batcher parks on its own record (:class:`_Caller`) and is woken with ``reschedule``; a graph's
-call node is a record itself and takes its result by callback. Either way the batcher sees only
-the small protocol of :class:`_Request`.
+batcher parks on its own record (:class:`_Caller`) and is woken by :func:`mcs._park.wake`; a
+graph's call node is a record itself and takes its result by callback. Either way the batcher
+sees only the small protocol of :class:`_Request`.
+
+The life of a record (:class:`RequestState`)::
+
+    ROOM ──────► QUEUED ──────► IN_FLIGHT ──────► FINISHED
+      │            │                │             (a value or an error was delivered)
+      │            │                └───────────► DROPPED    (caller left; result discarded)
+      └────────────┴────────────────────────────► WITHDRAWN  (caller left; never sent)
+
+ROOM is a caller waiting for room in a full queue (``overload="block"``). Only the batcher
+moves a record between states; the outcome (value or error) is kept beside the state, not in
+it.
 """
 
 from __future__ import annotations
 
+import enum
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
-from trio.lowlevel import Abort, RaiseCancelT, Task, reschedule
+from trio.lowlevel import Abort, RaiseCancelT, Task
+
+from ._park import reraise, wake
 
 if TYPE_CHECKING:
     from ._batcher import Batcher
@@ -19,19 +33,32 @@ if TYPE_CHECKING:
 K = TypeVar("K")
 V = TypeVar("V")
 
-# The life of a request record. Plain ints: compared on every item.
-_ROOM: Final = 0  # waiting for room in the queue (overload="block")
-_QUEUED: Final = 1  # accepted, waiting for a batch
-_IN_FLIGHT: Final = 2  # sent to batch_fn
-_DONE: Final = 3  # result delivered
-_WITHDRAWN: Final = 4  # cancelled before it was sent; never reaches batch_fn
-_DROPPED: Final = 5  # cancelled while in flight; its result is discarded
-_RAISED: Final = 6  # a caller's record whose delivered result is an error
+
+class RequestState(enum.IntEnum):
+    """Where a request record is in its batcher."""
+
+    ROOM = 0
+    QUEUED = 1
+    IN_FLIGHT = 2
+    FINISHED = 3
+    WITHDRAWN = 4
+    DROPPED = 5
+
+
+# Aliases for the hot path: a module global costs the same as a bare int to compare.
+_ROOM: Final = RequestState.ROOM
+_QUEUED: Final = RequestState.QUEUED
+_IN_FLIGHT: Final = RequestState.IN_FLIGHT
+_FINISHED: Final = RequestState.FINISHED
+_WITHDRAWN: Final = RequestState.WITHDRAWN
+_DROPPED: Final = RequestState.DROPPED
+
 
 class _Request(Generic[K, V]):
     """One item on its way through a batcher; subclasses say how its result is delivered.
 
-    Subclasses define the slots ``item``, ``state`` and ``t0`` (the time of the call); a graph
+    Subclasses define the slots ``item``, ``state``, ``t0`` (the time of the call) and
+    ``batch`` (the running batch that carries it, kept only when the batcher needs it); a graph
     node is a subclass too, which is why the slots are not declared here (a class can have only
     one base with a non-empty slot layout).
     """
@@ -41,6 +68,7 @@ class _Request(Generic[K, V]):
     item: K
     state: int
     t0: float
+    batch: Any
 
     def _deliver_value(self, value: V, now: float) -> None:
         raise NotImplementedError
@@ -52,7 +80,7 @@ class _Request(Generic[K, V]):
 class _Caller(_Request[K, V]):
     """A record for a task that called the batcher and is parked until its result arrives."""
 
-    __slots__ = ("batcher", "item", "result", "state", "t0", "task", "tb")
+    __slots__ = ("batch", "batcher", "error", "item", "state", "t0", "task", "tb", "value")
 
     def __init__(self, batcher: Batcher[K, V], item: K, task: Task, t0: float) -> None:
         self.batcher = batcher
@@ -60,37 +88,37 @@ class _Caller(_Request[K, V]):
         self.task: Task | None = task
         self.t0 = t0
         self.state = _QUEUED
-        self.result: V | BaseException | None = None
+        self.batch: Any = None
+        self.value: V | None = None
+        self.error: BaseException | None = None
         self.tb: TracebackType | None = None
 
     def _deliver_value(self, value: V, now: float) -> None:
-        self.result = value
+        self.value = value
         task, self.task = self.task, None
-        reschedule(task)  # type: ignore[arg-type]
+        wake(task)  # type: ignore[arg-type]
 
     def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
-        self.result = error
+        self.error = error
         self.tb = tb
-        self.state = _RAISED
         task, self.task = self.task, None
-        reschedule(task)  # type: ignore[arg-type]
+        wake(task)  # type: ignore[arg-type]
 
     def abort(self, _: RaiseCancelT) -> Abort:
+        # Only marks state: whatever the withdrawal implies is done by the batcher's task.
         self.task = None
         self.batcher._withdraw(self)
         return Abort.SUCCEEDED
 
     def unwrap(self) -> V:
-        if self.state != _RAISED:
-            return self.result  # type: ignore[return-value]
-        # Every caller of a failed batch raises the same exception object: reset its traceback
-        # so that each one shows batch_fn's frames under its own, not under the previous
-        # caller's. Drop our references so no frame-traceback cycle outlives the call.
-        error = self.result
-        assert isinstance(error, BaseException)
-        self.result = None
+        error = self.error
+        if error is None:
+            return self.value  # type: ignore[return-value]
+        # Every caller of a failed batch raises the same exception object: each raise starts
+        # from batch_fn's traceback, never from where the previous caller left it. Drop our
+        # references so that no frame -> traceback -> frame cycle outlives the call.
+        tb, self.error, self.tb = self.tb, None, None
         try:
-            raise error.with_traceback(self.tb)
+            reraise(error, tb)
         finally:
-            del error
-            self.tb = None
+            del error, tb

@@ -1,0 +1,149 @@
+"""Splitting a batch_fn result back to its callers, whatever batch_fn returned.
+
+batch_fn is user code and may return anything: a sequence aligned with the items, a mapping
+keyed by item, an exception instance as one item's result, or garbage. Whatever it returns, and
+whatever the items do when hashed or compared, every caller of the batch gets exactly one
+outcome, its own: a malformed result is a :exc:`mcs.BatchResultError` for the callers concerned,
+never a crash of the batcher's task, a hang, or someone else's result.
+
+Nothing here reads the list that was passed to batch_fn (batch_fn may have sorted or filtered it
+in place): records keep their own items, and the count and dedupe positions are taken before the
+call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from ._exceptions import BatchResultError
+from ._park import original_traceback
+from ._requests import _FINISHED, _IN_FLIGHT, _Request
+from ._util import safe_repr
+
+__all__ = ["dedupe_items", "deliver_error", "deliver_results"]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def dedupe_items(
+    name: str, batch: list[_Request[K, V]], now: float
+) -> tuple[list[K], list[int], int]:
+    """The distinct items of ``batch``, each record's position among them, and how many records
+    were failed here because their item could not be compared (its ``__hash__`` or ``__eq__``
+    raised). A failed record is finished and gets position -1.
+    """
+    items: list[K] = []
+    index: list[int] = []
+    seen: dict[Any, int] = {}
+    failed = 0
+    for request in batch:
+        item = request.item
+        try:
+            position = seen.setdefault(item, len(items))
+        except TypeError:  # unhashable: cannot be shared, send it on its own
+            position = len(items)
+        except Exception as exc:
+            error = BatchResultError(
+                f"batcher {name!r}: dedupe could not compare item {safe_repr(item)}: {exc!r}"
+            )
+            error.__cause__ = exc
+            request.state = _FINISHED
+            request._deliver_error(error, None, now)
+            index.append(-1)
+            failed += 1
+            continue
+        if position == len(items):
+            items.append(item)
+        index.append(position)
+    return items, index, failed
+
+
+def deliver_error(
+    batch: list[_Request[K, V]], error: BaseException, tb: Any, now: float
+) -> int:
+    """Give ``error`` to every record of ``batch`` still waiting; returns how many."""
+    served = 0
+    for request in batch:
+        if request.state == _IN_FLIGHT:
+            request.state = _FINISHED
+            served += 1
+            request._deliver_error(error, tb, now)
+    return served
+
+
+def deliver_results(
+    name: str,
+    batch: list[_Request[K, V]],
+    size: int,
+    index: list[int] | None,
+    results: object,
+    now: float,
+) -> int:
+    """Give each waiting record of ``batch`` its own result; returns how many were served.
+
+    ``size`` is how many items batch_fn was given, ``index`` each record's position among them
+    (with dedupe). Never raises for anything batch_fn returned.
+    """
+    served = 0
+    try:
+        if isinstance(results, Mapping):
+            return _from_mapping(name, batch, results, now)
+        if not isinstance(results, Sequence) or isinstance(results, str | bytes):
+            problem = f"must return a sequence or a mapping, got {type(results).__name__}"
+        else:
+            if type(results) is not list and type(results) is not tuple:
+                results = list(results)  # a user type's __getitem__/__iter__ may misbehave
+            assert isinstance(results, list | tuple)
+            if len(results) != size:
+                problem = f"returned {len(results)} results for {size} items"
+            elif index is None:  # the hot path
+                for request, value in zip(batch, results, strict=True):
+                    if request.state == _IN_FLIGHT:
+                        request.state = _FINISHED
+                        served += 1
+                        if isinstance(value, BaseException):
+                            request._deliver_error(value, original_traceback(value), now)
+                        else:
+                            request._deliver_value(value, now)
+                return served
+            else:
+                for request, position in zip(batch, index, strict=True):
+                    if request.state == _IN_FLIGHT:
+                        served += _settle(request, results[position], now)
+                return served
+        error = BatchResultError(f"batcher {name!r}: batch_fn {problem}")
+    except Exception as exc:
+        error = BatchResultError(f"batcher {name!r}: could not split batch_fn's result: {exc!r}")
+        error.__cause__ = exc
+    return served + deliver_error(batch, error, None, now)
+
+
+def _from_mapping(
+    name: str, batch: list[_Request[K, V]], results: Mapping[Any, Any], now: float
+) -> int:
+    served = 0
+    for request in batch:
+        if request.state != _IN_FLIGHT:
+            continue
+        try:
+            value = results[request.item]
+        except Exception as exc:
+            value = BatchResultError(
+                f"batcher {name!r}: batch_fn's result has no entry for item "
+                f"{safe_repr(request.item)}"
+                + ("" if isinstance(exc, KeyError | TypeError) else f" ({exc!r})")
+            )
+            value.__cause__ = None if isinstance(exc, KeyError | TypeError) else exc
+        served += _settle(request, value, now)
+    return served
+
+
+def _settle(request: _Request[K, V], value: Any, now: float) -> int:
+    request.state = _FINISHED
+    if isinstance(value, BaseException):
+        request._deliver_error(value, original_traceback(value), now)
+    else:
+        request._deliver_value(value, now)
+    return 1
