@@ -20,7 +20,6 @@ from ._stats import BatcherStatistics as BatcherStatistics
 from ._stats import Percentiles as Percentiles
 from ._trace import GraphTrace as GraphTrace
 from ._trace import NodeTrace as NodeTrace
-
 from ._util import public as _public
 
 __version__ = "0.1.0.dev0"

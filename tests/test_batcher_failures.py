@@ -16,6 +16,7 @@ from typing import Any, overload
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 import mcs
@@ -52,19 +53,20 @@ async def test_a_shared_sentinel_carries_only_its_callers_frames() -> None:
     not_found = LookupError("not found")
 
     async def lookup(items: list[int]) -> list[object]:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         return [not_found for _ in items]
 
     seen: dict[int, tuple[list[object], int]] = {}
+    same: list[bool] = []
 
     async def caller(batcher: mcs.Batcher[int, object], me: int) -> None:
         request_id = me
         try:
             await batcher(me)
         except LookupError as error:
-            assert error is not_found
-            seen[request_id] = (frame_locals(error.__traceback__, "request_id"), 0)
-            seen[request_id] = (seen[request_id][0], len(frame_names(error.__traceback__)))
+            tb = error.__traceback__
+            seen[request_id] = (frame_locals(tb, "request_id"), len(frame_names(tb)))
+            same.append(error is not_found)
 
     with trio.fail_after(5):
         async with mcs.open_batcher(lookup, max_batch_size=7) as batcher:
@@ -73,6 +75,7 @@ async def test_a_shared_sentinel_carries_only_its_callers_frames() -> None:
                     for me in range(round_ * 100, round_ * 100 + 100):
                         nursery.start_soon(caller, batcher, me)
     assert len(seen) == 300
+    assert all(same)
     assert all(ids == [me] for me, (ids, _) in seen.items())
     assert len({depth for _, depth in seen.values()}) == 1  # no growth from raise to raise
 
@@ -103,7 +106,7 @@ async def test_a_shared_sentinel_keeps_no_callers_frames_alive() -> None:
 
 async def test_a_batch_error_gives_each_caller_only_its_own_frames() -> None:
     async def broken(items: list[int]) -> list[int]:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         raise ValueError("downstream is down")
 
     traces: dict[int, TracebackType | None] = {}
@@ -560,7 +563,7 @@ async def test_a_batch_fn_may_call_its_own_batcher_while_a_slot_is_free() -> Non
     with trio.fail_after(5):
         async with mcs.open_batcher(recursive, max_in_flight=3) as tree:
             assert await tree(2) == 2
-            with pytest.raises(RuntimeError, match="this would deadlock$"):
+            with pytest.raises(RuntimeError, match=r"this would deadlock$"):
                 await tree(3)
             assert await tree(1) == 1  # every slot came back
 
@@ -583,11 +586,12 @@ async def test_an_interrupt_out_of_batch_fn_ends_the_block_unwrapped(
         except trio.BrokenResourceError as error:
             outcomes.append(type(error.__cause__))
 
-    with trio.fail_after(5):
-        with pytest.raises(interrupt) as caught:
-            async with mcs.open_batcher(interrupted) as batcher:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(caller, batcher)
+    async def run() -> None:
+        async with mcs.open_batcher(interrupted) as batcher, trio.open_nursery() as nursery:
+            nursery.start_soon(caller, batcher)
+
+    with trio.fail_after(5), pytest.raises(interrupt) as caught:
+        await run()
     assert type(caught.value) is interrupt
     assert outcomes == [interrupt]
 
@@ -615,7 +619,7 @@ async def test_callers_woken_by_a_batch_share_the_next_one() -> None:
 
     async def record(items: list[int]) -> list[int]:
         sizes.append(len(items))
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         return items
 
     async def loop(batcher: mcs.Batcher[int, int], me: int) -> None:
