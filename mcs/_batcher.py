@@ -5,6 +5,12 @@ one, those lookups dominate cost and latency; issued as one ``WHERE id IN (...)`
 A batcher sits in front of such a downstream, collects the items of all callers, calls the user's
 ``batch_fn`` once per batch, and hands each caller exactly its own result or error.
 
+This module is the batcher's public face and its intake of callers. The parts it is made of:
+``_intake.py`` (the queues, no awaiting), ``_dispatch.py`` (when the next batch leaves, a plain
+function), ``_dispatcher.py`` (the task that starts batches and the tasks that run them),
+``_split.py`` (results back to callers), ``_counters.py`` (statistics) and ``_park.py`` (parking
+and waking tasks).
+
 How, and what it costs. The obvious design (a memory channel in, a task and a ``trio.Event`` per
 caller out) pays a channel hand-off, an event and often a task per item. Here a call costs one
 small slotted record appended to a deque (``_intake.py``) and one park of the caller's own task
@@ -31,31 +37,25 @@ by waking a task, which is how a batched graph node costs no task at all.
 
 from __future__ import annotations
 
-import contextvars
 import math
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar
+from typing import Generic, Literal, TypeAlias, TypeVar
 
 import trio
-from trio.lowlevel import (
-    Abort,
-    RaiseCancelT,
-    Task,
-    cancel_shielded_checkpoint,
-    current_task,
-    enable_ki_protection,
-)
+from trio.lowlevel import current_task, enable_ki_protection
 
-from ._dispatch import Step, next_step
+from ._counters import _Counters
+from ._dispatch import Step
+from ._dispatcher import _CURRENT_BATCH, _Dispatcher
 from ._exceptions import Overloaded
 from ._intake import _Intake
-from ._park import park, wake
+from ._park import park
 from ._rate import RateLimit, _Gcra
 from ._requests import _DROPPED, _IN_FLIGHT, _QUEUED, _ROOM, _Caller, _Request
-from ._split import dedupe_items, deliver_error, deliver_results
-from ._stats import BatcherStatistics, _Samples, _Saturation
+from ._split import deliver_error
+from ._stats import BatcherStatistics, _Saturation
 from ._util import check_int, check_seconds, describe, is_async_callable
 
 __all__ = ["BatchFn", "Batcher", "open_batcher"]
@@ -67,33 +67,6 @@ BatchFn: TypeAlias = Callable[
     [list[K]], Awaitable[Sequence[V | BaseException] | Mapping[K, V | BaseException]]
 ]
 """An async function from a list of items to their results, aligned or keyed by item."""
-
-_RUNNING: Final = -1  # the dispatcher is not parked
-_FOR_SLOT: Final = Step.FOR_SLOT
-_FOR_ITEMS: Final = Step.FOR_ITEMS
-_FOR_FILL: Final = Step.FOR_FILL
-_SEND: Final = Step.SEND
-_STOP: Final = Step.STOP
-
-
-class _Batch:
-    """One running batch_fn call: its records, and what nested calls and abandonment need."""
-
-    __slots__ = ("batcher", "live", "nested_waits", "records", "running", "scope")
-
-    def __init__(self, batcher: Batcher[Any, Any], records: list[_Request[Any, Any]]) -> None:
-        self.batcher = batcher
-        self.records = records
-        self.live = len(records)  # callers that have not left
-        self.scope: trio.CancelScope | None = None
-        self.nested_waits = 0  # calls this batch's batch_fn is waiting for on its own batcher
-        self.running = True
-
-
-# The batch whose batch_fn the current task runs in (set in each batch task's own context).
-_CURRENT_BATCH: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar(
-    "mcs.current_batch", default=None
-)
 
 
 class Batcher(Generic[K, V]):
@@ -110,44 +83,14 @@ class Batcher(Generic[K, V]):
 
     __slots__ = (
         "__qualname__",
-        "_abandoned",
-        "_batch_cap",
-        "_batch_fn",
-        "_batch_timeout",
-        "_batch_times",
-        "_batches",
-        "_blocked",
-        "_busy_time",
-        "_callers_served",
-        "_cancel_abandoned",
-        "_cancelled_batches",
         "_clock",
-        "_dedupe",
+        "_counts",
         "_dispatcher",
-        "_dropped",
-        "_failed_batches",
-        "_gcra",
-        "_in_flight",
         "_intake",
-        "_intake_closed",
-        "_items",
-        "_max_in_flight",
-        "_max_wait",
-        "_nursery",
-        "_peak_batch",
         "_queue_size",
-        "_queue_waits",
         "_rate",
-        "_rate_unit_items",
-        "_rate_wait_time",
-        "_rate_waits",
         "_reject",
-        "_rejected",
-        "_saturation",
         "_thread",
-        "_timed_out_batches",
-        "_waiting_for",
-        "_withdrawn",
         "name",
     )
 
@@ -169,7 +112,7 @@ class Batcher(Generic[K, V]):
         if not callable(batch_fn) or not is_async_callable(batch_fn):
             raise TypeError(f"batch_fn must be an async function, got {batch_fn!r}")
         check_int("max_batch_size", max_batch_size, 1)
-        self._max_wait = check_seconds("max_wait", max_wait)
+        max_wait = check_seconds("max_wait", max_wait)
         check_int("max_in_flight", max_in_flight, 1)
         if rate is not None and not isinstance(rate, RateLimit):
             raise TypeError(f"rate must be a mcs.RateLimit or None, got {rate!r}")
@@ -179,59 +122,40 @@ class Batcher(Generic[K, V]):
             raise ValueError(f"overload must be 'block' or 'reject', got {overload!r}")
         if not isinstance(dedupe, bool):
             raise TypeError(f"dedupe must be a bool, got {dedupe!r}")
-        self._batch_timeout = None
         if batch_timeout is not None:
-            self._batch_timeout = check_seconds("batch_timeout", batch_timeout, positive=True)
+            batch_timeout = check_seconds("batch_timeout", batch_timeout, positive=True)
         if not isinstance(cancel_abandoned, bool):
             raise TypeError(f"cancel_abandoned must be a bool, got {cancel_abandoned!r}")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {name!r}")
 
-        self._batch_fn = batch_fn
         self.name: str = name if name is not None else describe(batch_fn, "batcher")
         # trio names a task after its function: `nursery.start_soon(batcher, item)` would
         # otherwise call repr() on every spawn.
         self.__qualname__ = f"Batcher({self.name})"
-        self._max_in_flight = max_in_flight
         self._rate = rate
-        self._gcra = _Gcra(rate) if rate is not None else None
-        self._rate_unit_items = rate is not None and rate.unit == "item"
-        # With an item-counted rate, one call may never carry more than the burst.
-        self._batch_cap = max_batch_size
-        if rate is not None and rate.unit == "item":
-            self._batch_cap = min(max_batch_size, rate.burst)
         self._queue_size = queue_size
         self._reject = overload == "reject"
-        self._dedupe = dedupe
-        self._cancel_abandoned = cancel_abandoned
-
-        self._intake: _Intake[K, V] = _Intake(queue_size)
-        self._in_flight = 0
-        self._intake_closed = True  # until the batcher is started
         self._clock: trio.abc.Clock | None = None
         self._thread: int | None = None  # the thread of the trio run that owns the batcher
-        self._nursery: trio.Nursery | None = None
-        self._dispatcher: Task | None = None  # set while the dispatcher is parked
-        self._waiting_for: int = _RUNNING
-        self._abandoned: list[_Batch] = []  # batches to cancel (cancel_abandoned)
-        self._blocked = 0  # running batches waiting for a call of their own to this batcher
-
-        self._batches = 0
-        self._busy_time = 0.0
-        self._failed_batches = 0
-        self._timed_out_batches = 0
-        self._cancelled_batches = 0
-        self._items = 0
-        self._callers_served = 0
-        self._peak_batch = 0
-        self._rejected = 0
-        self._withdrawn = 0
-        self._dropped = 0
-        self._rate_waits = 0
-        self._rate_wait_time = 0.0
-        self._queue_waits = _Samples()
-        self._batch_times = _Samples()
-        self._saturation: _Saturation | None = None
+        self._intake: _Intake[K, V] = _Intake(queue_size)
+        self._counts = _Counters()
+        # With an item-counted rate, one call may never carry more than the burst.
+        counts_items = rate is not None and rate.unit == "item"
+        self._dispatcher: _Dispatcher[K, V] = _Dispatcher(
+            self.name,
+            batch_fn,
+            self._intake,
+            self._counts,
+            batch_cap=min(max_batch_size, rate.burst) if rate and counts_items else max_batch_size,
+            max_wait=max_wait,
+            max_in_flight=max_in_flight,
+            gcra=_Gcra(rate) if rate is not None else None,
+            rate_counts_items=counts_items,
+            dedupe=dedupe,
+            batch_timeout=batch_timeout,
+            cancel_abandoned=cancel_abandoned,
+        )
 
     # ------------------------------------------------------------------ public API
 
@@ -251,17 +175,18 @@ class Batcher(Generic[K, V]):
                 the batcher's own batch_fn when that would deadlock.
             Exception: the item's own error, or whatever batch_fn raised for its batch.
         """
+        intake = self._intake
         if (
-            self._intake_closed
+            intake.closed
             or threading.get_ident() != self._thread
-            or (self._reject and self._intake.queued >= self._queue_size)
+            or (self._reject and intake.queued >= self._queue_size)
         ):
             await self._refuse()
         if _CURRENT_BATCH.get() is not None:
             return await self._call_from_batch(item)
-        assert self._clock is not None
-        request: _Caller[K, V] = _Caller(self, item, current_task(), self._clock.current_time())
-        self._accept(request)
+        request: _Caller[K, V] = _Caller(self, item, current_task(), self._clock.current_time())  # type: ignore[union-attr]
+        if intake.accept(request):
+            self._dispatcher.item_arrived()
         await park(request.abort)
         return request.unwrap()
 
@@ -269,15 +194,13 @@ class Batcher(Generic[K, V]):
     def max_in_flight(self) -> int:
         """How many batch_fn calls may run at once. Settable at any time: raising it lets
         queued batches leave at once; lowering it never cancels a running batch."""
-        return self._max_in_flight
+        return self._dispatcher.max_in_flight
 
     @max_in_flight.setter
     def max_in_flight(self, value: int) -> None:
-        self._max_in_flight = check_int("max_in_flight", value, 1)
-        if self._saturation is not None and self._clock is not None:
-            self._saturation.update(self._in_flight >= value, self._clock.current_time())
-        if self._waiting_for == _FOR_SLOT and self._in_flight < value:
-            self._wake_dispatcher()
+        check_int("max_in_flight", value, 1)
+        now = self._clock.current_time() if self._clock is not None else 0.0
+        self._dispatcher.set_max_in_flight(value, now)
 
     @property
     def rate(self) -> RateLimit | None:
@@ -288,42 +211,24 @@ class Batcher(Generic[K, V]):
         """A frozen snapshot of the batcher's counters; see :class:`mcs.BatcherStatistics`.
 
         Cheap, and safe to call from any thread (a metrics exporter's) and after the run ended;
-        read from another thread, the counters are each exact but may be a moment apart.
+        read from another thread, each counter is exact but two may be a moment apart.
         """
-        clock, saturation = self._clock, self._saturation
-        share = 0.0
-        if saturation is not None and clock is not None:
-            share = saturation.share(clock.current_time())
-        batches = self._batches
-        items = self._items
-        return BatcherStatistics(
+        dispatcher, clock = self._dispatcher, self._clock
+        return self._counts.snapshot(
             name=self.name,
             queued=self._intake.queued,
             waiting_for_room=self._intake.waiting_for_room,
-            in_flight=self._in_flight,
-            max_in_flight=self._max_in_flight,
-            batches=batches,
-            items=items,
-            callers_served=self._callers_served,
-            mean_batch_size=items / batches if batches else 0.0,
-            peak_batch_size=self._peak_batch,
-            queue_wait=self._queue_waits.summary(),
-            batch_time=self._batch_times.summary(),
-            busy_time=self._busy_time,
-            failed_batches=self._failed_batches,
-            rejected=self._rejected,
-            withdrawn=self._withdrawn,
-            dropped=self._dropped,
-            rate_limit_waits=self._rate_waits,
-            rate_limit_wait_time=self._rate_wait_time,
-            saturation=share,
+            in_flight=dispatcher.in_flight,
+            max_in_flight=dispatcher.max_in_flight,
+            now=clock.current_time() if clock is not None else None,
         )
 
     def __repr__(self) -> str:
-        state = "closed" if self._intake_closed else "open"
+        state = "closed" if self._intake.closed else "open"
+        dispatcher = self._dispatcher
         return (
             f"<mcs.Batcher {self.name!r} {state}: queued={self._intake.queued} "
-            f"in_flight={self._in_flight}/{self._max_in_flight}>"
+            f"in_flight={dispatcher.in_flight}/{dispatcher.max_in_flight}>"
         )
 
     # ------------------------------------------------------------------ intake
@@ -339,7 +244,7 @@ class Batcher(Generic[K, V]):
                 f"batcher {self.name!r} belongs to another trio run: a batcher can only be "
                 "used from the run (and thread) that opened it"
             )
-        if self._intake_closed:
+        if self._intake.closed:
             return trio.ClosedResourceError(f"batcher {self.name!r} is closed")
         return Overloaded(f"batcher {self.name!r} is full ({self._intake.queued} items queued)")
 
@@ -349,113 +254,106 @@ class Batcher(Generic[K, V]):
             if self._thread is None or threading.get_ident() == self._thread:
                 await trio.lowlevel.checkpoint()  # a cancelled caller is cancelled, not refused
             if isinstance(refusal, Overloaded):
-                self._rejected += 1
+                self._counts.rejected += 1
             raise refusal
         finally:
             del refusal  # no frame -> traceback -> frame cycle
 
+    @enable_ki_protection
     def _submit_nowait(self, request: _Request[K, V]) -> None:
         """Accept a record without parking anyone (the graph's entry point).
 
         Raises the same errors as a call that is refused, synchronously.
         """
+        intake = self._intake
         if (
-            self._intake_closed
+            intake.closed
             or threading.get_ident() != self._thread
-            or (self._reject and self._intake.queued >= self._queue_size)
+            or (self._reject and intake.queued >= self._queue_size)
         ):
             refusal = self._refusal()
             try:
                 if isinstance(refusal, Overloaded):
-                    self._rejected += 1
+                    self._counts.rejected += 1
                 raise refusal
             finally:
                 del refusal
-        assert self._clock is not None
-        self._accept(request)
-
-    def _accept(self, request: _Request[K, V]) -> None:
-        if self._intake.accept(request):
-            waiting_for = self._waiting_for
-            if waiting_for == _FOR_ITEMS or (
-                waiting_for == _FOR_FILL and self._intake.queued >= self._batch_cap
-            ):
-                self._wake_dispatcher()
+        if intake.accept(request):
+            self._dispatcher.item_arrived()
 
     def _withdraw(self, request: _Request[K, V]) -> None:
-        """The caller of ``request`` went away (cancelled): mark it, O(1); called from abort
+        """The caller of ``request`` went away (cancelled): mark it, O(1). Called from abort
         callbacks, so any work it implies is left to the dispatcher."""
         state = request.state
         if state == _QUEUED or state == _ROOM:
             self._intake.withdraw(request)
-            self._withdrawn += 1
+            self._counts.withdrawn += 1
             if self._intake.needs_upkeep:
-                self._wake_dispatcher()
+                self._dispatcher.wake()
         elif state == _IN_FLIGHT:
             request.state = _DROPPED
-            self._dropped += 1
+            self._counts.dropped += 1
             batch = request.batch
             if batch is not None:
                 batch.live -= 1
-                if batch.live == 0 and batch.running:
-                    self._abandoned.append(batch)
-                    self._wake_dispatcher()
+                if batch.live == 0:
+                    self._dispatcher.abandon(batch)
 
     async def _call_from_batch(self, item: K) -> V:
         """A call made from inside a batch_fn: fine, unless every in-flight slot is held by a
         batch waiting for such a call, which would wait forever."""
         batch = _CURRENT_BATCH.get()
-        if batch is None or batch.batcher is not self or not batch.running:
+        dispatcher = self._dispatcher
+        if batch is None or batch.dispatcher is not dispatcher or not batch.running:
             return await self._call_plain(item)
         if batch.nested_waits == 0:
-            self._blocked += 1
+            dispatcher.blocked += 1
         batch.nested_waits += 1
         try:
-            if self._blocked >= self._in_flight >= self._max_in_flight:
+            if dispatcher.blocked >= dispatcher.in_flight >= dispatcher.max_in_flight:
                 raise RuntimeError(
                     f"batcher {self.name!r}: batch_fn called its own batcher while all "
-                    f"{self._max_in_flight} in-flight slots are held by batches waiting for such "
-                    "calls; this would deadlock"
+                    f"{dispatcher.max_in_flight} in-flight slots are held by batches waiting "
+                    "for such calls; this would deadlock"
                 )
             return await self._call_plain(item)
         finally:
             batch.nested_waits -= 1
             if batch.nested_waits == 0:
-                self._blocked -= 1
+                dispatcher.blocked -= 1
 
     @enable_ki_protection
     async def _call_plain(self, item: K) -> V:
-        assert self._clock is not None
-        request: _Caller[K, V] = _Caller(self, item, current_task(), self._clock.current_time())
-        self._accept(request)
+        request: _Caller[K, V] = _Caller(self, item, current_task(), self._clock.current_time())  # type: ignore[union-attr]
+        if self._intake.accept(request):
+            self._dispatcher.item_arrived()
         await park(request.abort)
         return request.unwrap()
 
     # ------------------------------------------------------------------ lifecycle
 
     def _start(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
-        self._clock = trio.lowlevel.current_clock()
+        self._clock = clock = trio.lowlevel.current_clock()
         self._thread = threading.get_ident()
-        self._intake_closed = False
-        self._saturation = _Saturation(self._clock.current_time())
-        nursery.start_soon(self._dispatch_loop, name=f"mcs.Batcher({self.name}).dispatcher")
+        self._intake.closed = False
+        self._counts.saturation = _Saturation(clock.current_time())
+        self._dispatcher.start(nursery, clock)
 
     @enable_ki_protection
     def _close_intake(self) -> None:
         """Stop accepting items; what is queued still drains."""
-        self._intake_closed = True
+        self._intake.closed = True
         error = trio.ClosedResourceError(
             f"batcher {self.name!r} closed before this item was accepted"
         )
         self._fail_all(self._intake.clear_room(), error)
-        if self._waiting_for in (_FOR_ITEMS, _FOR_FILL):
-            self._wake_dispatcher()
+        if self._dispatcher.waiting_for in (Step.FOR_ITEMS, Step.FOR_FILL):
+            self._dispatcher.wake()
 
     @enable_ki_protection
     def _abort(self) -> None:
         """The batcher's block failed or was cancelled: fail everything not yet in flight."""
-        self._intake_closed = True
+        self._intake.closed = True
         error = trio.BrokenResourceError(
             f"batcher {self.name!r} was shut down before this item was processed"
         )
@@ -464,207 +362,9 @@ class Batcher(Generic[K, V]):
 
     def _fail_all(self, requests: list[_Request[K, V]], error: BaseException) -> None:
         assert self._clock is not None
-        now = self._clock.current_time()
         for request in requests:
             request.state = _IN_FLIGHT  # so that deliver_error settles it
-        deliver_error(requests, error, None, now)
-
-    # ------------------------------------------------------------------ the dispatcher
-
-    def _wake_dispatcher(self) -> None:
-        task = self._dispatcher
-        if task is not None:
-            self._dispatcher = None
-            self._waiting_for = _RUNNING
-            wake(task)
-
-    def _abort_park(self, _: RaiseCancelT) -> Abort:
-        self._dispatcher = None
-        self._waiting_for = _RUNNING
-        return Abort.SUCCEEDED
-
-    @enable_ki_protection
-    async def _park_dispatcher(self, waiting_for: Step, deadline: float) -> None:
-        self._waiting_for = waiting_for
-        self._dispatcher = current_task()
-        if deadline == math.inf:
-            await park(self._abort_park)
-        else:
-            with trio.move_on_at(deadline):
-                await park(self._abort_park)
-
-    def _upkeep(self) -> None:
-        """The work that withdrawals left: room to hand out, queues to compact, abandoned
-        batches to cancel."""
-        if self._intake.needs_upkeep:
-            self._intake.upkeep()
-        if self._abandoned:
-            abandoned, self._abandoned = self._abandoned, []
-            for batch in abandoned:
-                if batch.running and batch.live == 0 and batch.scope is not None:
-                    batch.scope.cancel()
-
-    async def _dispatch_loop(self) -> None:
-        nursery, clock = self._nursery, self._clock
-        assert nursery is not None
-        assert clock is not None
-        settled = False  # a scheduler pass has gone by since this batch became ready
-        rate_wait_started: float | None = None
-        while True:
-            if self._intake.needs_upkeep or self._abandoned:
-                self._upkeep()
-            now = clock.current_time()
-            step, until = next_step(
-                self._intake,  # type: ignore[arg-type]
-                in_flight=self._in_flight,
-                max_in_flight=self._max_in_flight,
-                closed=self._intake_closed,
-                batch_cap=self._batch_cap,
-                max_wait=self._max_wait,
-                gcra=self._gcra,
-                rate_counts_items=self._rate_unit_items,
-                now=now,
-            )
-            if step == _SEND:
-                if not settled:
-                    # Let every task of the current scheduler pass add its items first.
-                    settled = True
-                    await cancel_shielded_checkpoint()
-                    continue
-                settled = False
-                if rate_wait_started is not None:
-                    self._rate_wait_time += now - rate_wait_started
-                    rate_wait_started = None
-                self._start_batch(nursery, now)
-            elif step == _STOP:
-                return
-            else:
-                if step == Step.FOR_RATE and rate_wait_started is None:
-                    rate_wait_started = now  # one wait per batch, however often it re-waits
-                    self._rate_waits += 1
-                await self._park_dispatcher(step, until)
-
-    def _start_batch(self, nursery: trio.Nursery, now: float) -> None:
-        records = self._intake.take(self._batch_cap)
-        if not records:
-            return
-        gcra = self._gcra
-        if gcra is not None:
-            gcra.take(len(records) if self._rate_unit_items else 1, now)
-        self._queue_waits.extend([now - request.t0 for request in records])
-        batch = _Batch(self, records)
-        if self._batch_timeout is not None or self._cancel_abandoned:
-            batch.scope = trio.CancelScope(
-                deadline=math.inf if self._batch_timeout is None else now + self._batch_timeout
-            )
-        if self._cancel_abandoned:
-            for request in records:
-                request.batch = batch
-        self._in_flight += 1
-        self._batches += 1
-        if self._in_flight >= self._max_in_flight:
-            assert self._saturation is not None
-            self._saturation.update(True, now)
-        nursery.start_soon(self._run_batch, batch)
-
-    # ------------------------------------------------------------------ running a batch
-
-    async def _run_batch(self, batch: _Batch) -> None:
-        clock = self._clock
-        assert clock is not None
-        records: list[_Request[K, V]] = batch.records
-        if batch.live != len(records) or any(r.state != _IN_FLIGHT for r in records):
-            # Callers who left between the dispatcher taking the batch and this task starting:
-            # their items have not reached batch_fn, so they count as withdrawn, not dropped.
-            live = [request for request in records if request.state == _IN_FLIGHT]
-            gone = len(records) - len(live)
-            self._dropped -= gone
-            self._withdrawn += gone
-            records = batch.records = live
-            batch.live = len(live)
-        index: list[int] | None = None
-        if self._dedupe and records:
-            items, index, failed = dedupe_items(self.name, records, clock.current_time())
-            self._callers_served += failed
-        else:
-            items = [request.item for request in records]
-        if not items:  # nothing left to send: this was never a batch
-            batch.running = False
-            self._batches -= 1
-            self._release_slot(clock.current_time())
-            return
-        size = len(items)
-        self._items += size
-        if size > self._peak_batch:
-            self._peak_batch = size
-        _CURRENT_BATCH.set(batch)  # this task's own context: seen by calls from batch_fn
-        started = clock.current_time()
-        scope = batch.scope
-        try:
-            if scope is None:
-                results = await self._batch_fn(items)
-            else:
-                with scope:
-                    results = await self._batch_fn(items)
-                if scope.cancelled_caught:
-                    self._finish_cut_batch(batch, records, started)
-                    return
-        except Exception as exc:
-            self._failed_batches += 1
-            self._callers_served += deliver_error(
-                records, exc, exc.__traceback__, self._batch_done(batch, started)
-            )
-        except BaseException as exc:
-            # Cancelled (the batcher is shutting down) or KeyboardInterrupt: the callers must
-            # not hang, and must not receive a Cancelled that is not theirs.
-            broken = trio.BrokenResourceError(
-                f"batcher {self.name!r} was shut down while this item was in flight"
-            )
-            broken.__cause__ = exc
-            try:
-                now = self._batch_done(batch, started)
-                self._callers_served += deliver_error(records, broken, None, now)
-                raise
-            finally:
-                del broken, exc
-        else:
-            now = self._batch_done(batch, started)
-            self._callers_served += deliver_results(self.name, records, size, index, results, now)
-
-    def _finish_cut_batch(
-        self, batch: _Batch, records: list[_Request[K, V]], started: float
-    ) -> None:
-        """batch_fn was cancelled: by ``batch_timeout``, or because all its callers left."""
-        now = self._batch_done(batch, started)
-        if batch.live == 0:  # abandoned: nobody is waiting for an answer
-            self._cancelled_batches += 1
-            return
-        self._failed_batches += 1
-        self._timed_out_batches += 1
-        error = trio.TooSlowError(
-            f"batcher {self.name!r}: batch_fn did not return within "
-            f"batch_timeout={self._batch_timeout} s"
-        )
-        self._callers_served += deliver_error(records, error, None, now)
-
-    def _batch_done(self, batch: _Batch, started: float) -> float:
-        """Free the batch's slot; returns the time, which is also each result's time."""
-        assert self._clock is not None
-        batch.running = False
-        now = self._clock.current_time()
-        self._batch_times.add(now - started)
-        self._busy_time += now - started
-        self._release_slot(now)
-        return now
-
-    def _release_slot(self, now: float) -> None:
-        was_saturated = self._in_flight >= self._max_in_flight
-        self._in_flight -= 1
-        if was_saturated:
-            assert self._saturation is not None
-            self._saturation.update(self._in_flight >= self._max_in_flight, now)
-        if self._waiting_for == _FOR_SLOT:
-            self._wake_dispatcher()
+        deliver_error(requests, error, None, self._clock.current_time())
 
 
 @asynccontextmanager

@@ -27,6 +27,7 @@ class _Intake(Generic[K, V]):
     """The queue and the room queue of one batcher.
 
     Attributes:
+        closed: no more items are accepted (the batcher closed, or was never opened).
         queued: live records in ``queue`` (withdrawn ones are removed lazily).
         waiting_for_room: live records in ``room``.
         needs_upkeep: set when a withdrawal left work for :meth:`upkeep` (room to hand out, a
@@ -36,6 +37,7 @@ class _Intake(Generic[K, V]):
     __slots__ = (
         "_dead",
         "_room_dead",
+        "closed",
         "needs_upkeep",
         "queue",
         "queue_size",
@@ -46,6 +48,7 @@ class _Intake(Generic[K, V]):
 
     def __init__(self, queue_size: int | float) -> None:
         self.queue_size = queue_size
+        self.closed = True  # until the batcher is opened
         self.queue: deque[_Request[K, V]] = deque()
         self.queued = 0
         self._dead = 0

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
+from trio.lowlevel import enable_ki_protection
+
 from ._exceptions import BatchResultError
 from ._park import original_traceback
 from ._requests import _FINISHED, _IN_FLIGHT, _Request
@@ -27,6 +29,7 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
+@enable_ki_protection  # wakes many tasks: no KeyboardInterrupt halfway
 def dedupe_items(
     name: str, batch: list[_Request[K, V]], now: float
 ) -> tuple[list[K], list[int], int]:
@@ -60,6 +63,7 @@ def dedupe_items(
     return items, index, failed
 
 
+@enable_ki_protection  # wakes many tasks: no KeyboardInterrupt halfway
 def deliver_error(
     batch: list[_Request[K, V]], error: BaseException, tb: Any, now: float
 ) -> int:
@@ -73,6 +77,7 @@ def deliver_error(
     return served
 
 
+@enable_ki_protection  # wakes many tasks: no KeyboardInterrupt halfway
 def deliver_results(
     name: str,
     batch: list[_Request[K, V]],
