@@ -25,6 +25,8 @@ __all__ = [
     "Call",
     "Config",
     "Downstream",
+    "MisbehavingScenario",
+    "Misbehaviour",
     "Scenario",
     "arrival_patterns",
     "batch_durations",
@@ -35,6 +37,8 @@ __all__ = [
     "max_batch_sizes",
     "max_in_flights",
     "max_waits",
+    "misbehaving_scenarios",
+    "misbehaviours",
     "off_grid",
     "rate_limits",
     "result_shapes",
@@ -226,3 +230,52 @@ def loaded_rate_scenarios(draw: st.DrawFn) -> Scenario:
     calls = tuple(Call(item=i, at=at, cancel_at=None) for i, at in enumerate(times))
     close_at = off_grid(max(times, default=0.0))
     return Scenario(config, downstream, calls, (), close_at=close_at, abort=False)
+
+
+Misbehaviour = Literal["ok", "raise", "hang", "short", "garbage", "mutate", "sentinel", "lookup"]
+"""What a misbehaving batch_fn does with one batch: answer properly, raise, never return, return
+one result too few, return something that is not a result, reorder its ``items`` in place (and
+answer for the original order), answer every item with one shared exception object, or return
+a mapping whose lookup raises for the batch's first item."""
+
+misbehaviours: st.SearchStrategy[Misbehaviour] = st.sampled_from(
+    ["ok", "raise", "hang", "short", "garbage", "mutate", "sentinel", "lookup"]
+)
+
+
+@dataclass(frozen=True)
+class MisbehavingScenario:
+    """Callers against a batch_fn that misbehaves batch by batch (``behaviours[n % len]``)."""
+
+    max_batch_size: int
+    max_in_flight: int
+    dedupe: bool
+    batch_timeout: float | None
+    cancel_abandoned: bool
+    behaviours: tuple[Misbehaviour, ...]
+    calls: tuple[Call, ...]
+
+
+@st.composite
+def misbehaving_scenarios(draw: st.DrawFn) -> MisbehavingScenario:
+    """A run against a misbehaving batch_fn. A batch_fn that hangs comes with a batch_timeout,
+    so that every caller has an outcome in bounded virtual time."""
+    behaviours = tuple(draw(st.lists(misbehaviours, min_size=1, max_size=5)))
+    timeout = draw(ticks(16, min_ticks=1)) if "hang" in behaviours else None
+    if timeout is None and draw(st.booleans()):
+        timeout = draw(ticks(16, min_ticks=1))
+    dedupe = draw(st.booleans())
+    times = draw(arrival_patterns(max_calls=12, max_ticks=16))
+    items = [draw(st.integers(0, 3)) for _ in times] if dedupe else list(range(len(times)))
+    return MisbehavingScenario(
+        max_batch_size=draw(max_batch_sizes),
+        max_in_flight=draw(max_in_flights),
+        dedupe=dedupe,
+        batch_timeout=timeout,
+        cancel_abandoned=draw(st.booleans()),
+        behaviours=behaviours,
+        calls=tuple(
+            Call(item=item, at=at, cancel_at=draw(cancellations(at)))
+            for item, at in zip(items, times, strict=True)
+        ),
+    )
