@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import trio
 import trio.testing
@@ -113,7 +113,7 @@ def replay(scenario: MisbehavingScenario, mcs_tasks: TaskLister) -> tuple[Run, A
     async def main() -> Any:
         with trio.fail_after(1000):
             async with mcs.open_batcher(
-                batch_fn,
+                cast(mcs.BatchFn[int, int], batch_fn),
                 max_batch_size=scenario.max_batch_size,
                 max_in_flight=scenario.max_in_flight,
                 dedupe=scenario.dedupe,
