@@ -20,6 +20,7 @@ import trio.lowlevel
 import trio.testing
 
 import mcs
+import mcs._requests
 
 TaskLister = Any
 
@@ -632,3 +633,39 @@ async def test_callers_woken_by_a_batch_share_the_next_one() -> None:
             for me in range(25):
                 nursery.start_soon(loop, batcher, me)
         assert sizes == [25] * 5
+
+
+# ---------------------------------------------------------------- KeyboardInterrupt guard rails
+
+
+class ProbeRecord(mcs._requests._Request[int, int]):
+    """A request record that notes whether delivery ran with KeyboardInterrupt deferred."""
+
+    __slots__ = ("batch", "item", "protected", "state", "t0")
+
+    def __init__(self, item: int) -> None:
+        self.item = item
+        self.t0 = trio.current_time()
+        self.batch = None
+        self.protected: list[bool] = []
+
+    def _deliver_value(self, value: int, now: float) -> None:
+        self.protected.append(trio.lowlevel.currently_ki_protected())
+
+    def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
+        self.protected.append(trio.lowlevel.currently_ki_protected())
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_results_are_delivered_with_keyboard_interrupt_deferred(fails: bool) -> None:
+    async def answer(items: list[int]) -> list[int]:
+        if fails:
+            raise ValueError("down")
+        return items
+
+    records = [ProbeRecord(item) for item in range(3)]
+    with trio.fail_after(5):
+        async with mcs.open_batcher(answer) as batcher:
+            for record in records:
+                batcher._submit_nowait(record)
+    assert [record.protected for record in records] == [[True]] * 3
