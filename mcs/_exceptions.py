@@ -34,8 +34,3 @@ class BatchResultError(MCSError):
     Raised to the affected callers only: a sequence of the wrong length, a mapping without the
     caller's item as a key, or something that is neither a sequence nor a mapping.
     """
-
-
-for _cls in (MCSError, Overloaded, BatchResultError):
-    _cls.__module__ = "mcs"
-del _cls

@@ -61,6 +61,20 @@ def test_exported_classes_belong_to_mcs(name: str) -> None:
     assert repr(value) == f"<class 'mcs.{name}'>"
 
 
+FUNCTIONS = sorted(name for name in mcs.__all__ if inspect.isfunction(getattr(mcs, name)))
+
+
+def test_functions_are_found() -> None:
+    assert {"open_batcher", "open_graph", "autoscale"} <= set(FUNCTIONS)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_exported_functions_belong_to_mcs(name: str) -> None:
+    value = getattr(mcs, name)
+    assert value.__module__ == "mcs"
+    assert value.__qualname__ == name
+
+
 @pytest.mark.parametrize("name", DOCUMENTED)
 def test_exported_classes_and_functions_have_docstrings(name: str) -> None:
     assert inspect.getdoc(getattr(mcs, name))
