@@ -11,6 +11,11 @@ per take, which over thousands of takes lets a call in a hair early. The arithme
 *batch* (not per item), so exact :class:`fractions.Fraction` arithmetic costs nothing that shows;
 deadlines handed to trio are rounded *up* to the next float, so a wake-up is never early.
 
+Why a bound on ``per / count``: ``T`` must be a positive number of seconds within the range of a
+float, or no deadline could be handed to trio; a ``RateLimit`` whose ``T`` is not (``count=1e308,
+per=1e-308``) is refused at construction. A theoretical arrival time beyond the largest float (a
+huge ``T`` times many units) means "never on this clock", and the deadline is then ``inf``.
+
 The limiter is consulted by the batcher's single dispatcher, which serves callers in arrival
 order, so waiting is first come, first served with no retry storm.
 """
@@ -19,21 +24,27 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from numbers import Real
 from typing import Literal
 
 import attrs
 
+from ._util import check_int, check_number, shown
+
 __all__ = ["RateLimit"]
 
 
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+def _interval(per: float, count: float) -> Fraction:
+    """``per / count`` exactly, if a positive finite float can stand for it."""
+    interval = Fraction(per) / Fraction(count)
+    try:
+        representable = float(interval) > 0
+    except OverflowError:
+        representable = False
+    if not representable:
+        raise ValueError(
+            f"per / count must be within the range of a float, got {shown(per)} / {shown(count)}"
+        )
+    return interval
 
 
 @attrs.frozen
@@ -49,8 +60,9 @@ class RateLimit:
 
     Raises:
         TypeError: if ``count`` or ``per`` is not a number, or ``burst`` is not an int.
-        ValueError: if one is not positive or not finite, or ``unit`` is neither ``"call"``
-            nor ``"item"``.
+        ValueError: if one is not positive or not finite (an int or Fraction beyond the
+            largest float counts as not finite), if ``per / count`` is too large or too small
+            for a float, or if ``unit`` is neither ``"call"`` nor ``"item"``.
     """
 
     count: float
@@ -59,14 +71,12 @@ class RateLimit:
     unit: Literal["call", "item"] = "call"
 
     def __attrs_post_init__(self) -> None:
-        _check_positive("count", self.count)
-        _check_positive("per", self.per)
-        if isinstance(self.burst, bool) or not isinstance(self.burst, int):
-            raise TypeError(f"burst must be an int, got {self.burst!r}")
-        if self.burst < 1:
-            raise ValueError(f"burst must be >= 1, got {self.burst!r}")
+        check_number("count", self.count, above=0)
+        check_number("per", self.per, above=0)
+        check_int("burst", self.burst, 1)
         if self.unit not in ("call", "item"):
             raise ValueError(f"unit must be 'call' or 'item', got {self.unit!r}")
+        _interval(self.per, self.count)
 
 
 RateLimit.__module__ = "mcs"
@@ -78,7 +88,7 @@ class _Gcra:
     __slots__ = ("_burst", "_interval", "_tat")
 
     def __init__(self, limit: RateLimit) -> None:
-        self._interval = Fraction(limit.per) / Fraction(limit.count)
+        self._interval = _interval(limit.per, limit.count)
         self._burst = limit.burst
         self._tat: Fraction | None = None
 
@@ -90,7 +100,10 @@ class _Gcra:
         ready = self._tat + (units - self._burst) * self._interval
         if ready <= exact_now:
             return now
-        as_float = float(ready)
+        try:
+            as_float = float(ready)
+        except OverflowError:  # later than the largest float: never, on this clock
+            return math.inf
         if Fraction(as_float) < ready:
             as_float = math.nextafter(as_float, math.inf)
         return as_float

@@ -9,10 +9,12 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from numbers import Real
+from typing import Any, TypeVar, cast
 
 __all__ = [
     "check_int",
+    "check_number",
     "check_seconds",
     "describe",
     "is_async_callable",
@@ -45,6 +47,35 @@ def check_seconds(name: str, value: object, *, positive: bool = False) -> float:
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be {bound} and finite, got {value!r}")
     return seconds
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    above: float | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> float:
+    """``value`` as a float if it is a real number (not a bool) that a float holds, finite, and
+    ``> above``, ``>= minimum`` and ``<= maximum`` where given (compared exactly, before the
+    conversion, so a tiny positive :class:`~fractions.Fraction` is still ``> 0``)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a finite number, got {shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int or Fraction beyond the largest float
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {shown(value)}")
+    exact = cast(float, value)  # any Real orders exactly against a float
+    if above is not None and not exact > above:
+        raise ValueError(f"{name} must be > {above}, got {shown(value)}")
+    if minimum is not None and not exact >= minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {shown(value)}")
+    if maximum is not None and not exact <= maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {shown(value)}")
+    return number
 
 
 def is_async_callable(fn: object) -> bool:
@@ -82,3 +113,14 @@ def safe_repr(obj: object, limit: int = 200) -> str:
     except Exception:
         return f"<{type(obj).__name__} object (its repr raised)>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error message; an int too long for ``repr`` (beyond
+    :func:`sys.get_int_max_str_digits`) is described by its size instead."""
+    try:
+        return repr(value)
+    except ValueError:
+        if isinstance(value, int):
+            return f"an int of {value.bit_length()} bits"
+        raise

@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 import mcs
+from mcs._rate import _Gcra
 
 RateOracle = Callable[[Sequence[tuple[float, int]], mcs.RateLimit], list[str]]
 
@@ -106,11 +107,96 @@ def test_is_frozen() -> None:
         pytest.param(
             {"count": 1, "unit": None}, ValueError, r"unit must be 'call' or 'item', got None"
         ),
+        pytest.param(
+            {"count": 10**400}, ValueError, r"count must be a finite number, got 10{400}", id="huge"
+        ),
+        pytest.param(
+            {"count": 1, "per": 10**400},
+            ValueError,
+            r"per must be a finite number, got 10{400}",
+            id="huge-per",
+        ),
+        pytest.param(
+            {"count": Fraction(10**400)},
+            ValueError,
+            r"count must be a finite number, got Fraction\(10{400}, 1\)",
+            id="huge-fraction",
+        ),
+        pytest.param(
+            {"count": 10**5000},
+            ValueError,
+            r"count must be a finite number, got an int of 16610 bits",
+            id="too-long-to-print",
+        ),
+        pytest.param(
+            {"count": -(10**400)},
+            ValueError,
+            r"count must be a finite number, got -10{400}",
+            id="huge-negative",
+        ),
+        pytest.param(
+            {"count": 1e308, "per": 1e-308},
+            ValueError,
+            r"per / count must be within the range of a float, got 1e-308 / 1e\+308",
+            id="interval-too-small",
+        ),
+        pytest.param(
+            {"count": 1e-308, "per": 1e308},
+            ValueError,
+            r"per / count must be within the range of a float, got 1e\+308 / 1e-308",
+            id="interval-too-large",
+        ),
+        pytest.param(
+            {"count": 3, "per": 5e-324},
+            ValueError,
+            r"per / count must be within the range of a float, got 5e-324 / 3",
+            id="interval-below-the-smallest-float",
+        ),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=f"^{message}$"):
         mcs.RateLimit(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("count", "per"),
+    [
+        (1e308, 1.0),
+        (1.0, 1e308),
+        (1e-300, 1e8),
+        (1e300, 1e-8),
+        (Fraction(1, 10**300), 1e-10),
+        (10**300, 1.0),
+        (1, 5e-324),
+    ],
+)
+def test_extreme_limits_that_a_float_can_hold_are_accepted(count: float, per: float) -> None:
+    limit = mcs.RateLimit(count, per=per, burst=10**400)
+    assert (limit.count, limit.per, limit.burst) == (count, per, 10**400)
+
+
+async def test_a_start_beyond_the_largest_float_never_comes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # T = 1e308 s: two items take the whole burst, and two more may start at 2e308 s
+    limit = mcs.RateLimit(1e-300, per=1e8, burst=2, unit="item")
+    downstream = Downstream()
+    with trio.move_on_after(1e6) as scope:
+        async with mcs.open_batcher(downstream, rate=limit) as batcher:
+            await call_all(batcher, [1, 2], in_order=False)
+            await call_all(batcher, [3, 4], in_order=False)
+    assert scope.cancelled_caught
+    assert downstream.calls == [(0.0, [1, 2])]
+    assert trio.current_time() == 1e6
+
+
+def test_the_deadline_of_a_start_beyond_the_largest_float_is_inf() -> None:
+    gcra = _Gcra(mcs.RateLimit(1e-300, per=1e8, burst=2, unit="item"))
+    assert gcra.ready_at(2, 5.0) == 5.0
+    gcra.take(2, 5.0)
+    assert gcra.ready_at(1, 5.0) == 1e308  # 5 + 2e308 - 1e308, rounded up
+    assert gcra.ready_at(2, 5.0) == math.inf
 
 
 def test_the_rate_oracle_catches_a_violation(rate_bound_violations: RateOracle) -> None:
