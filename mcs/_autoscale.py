@@ -31,19 +31,12 @@ from typing import Any, NoReturn
 import trio
 
 from ._batcher import Batcher
+from ._util import check_int, check_number, check_seconds
 
 __all__ = ["autoscale"]
 
 _BASELINE_DRIFT = 1.005
 _FAILURE_BACKOFF = 0.9
-
-
-def _check(name: str, value: object, *, minimum: float, integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if not value >= minimum or (not integer and not math.isfinite(value)):
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
 async def autoscale(
@@ -79,13 +72,11 @@ async def autoscale(
     """
     if not isinstance(batcher, Batcher):
         raise TypeError(f"batcher must be a mcs.Batcher, got {batcher!r}")
-    _check("min_in_flight", min_in_flight, minimum=1, integer=True)
-    _check("max_in_flight", max_in_flight, minimum=min_in_flight, integer=True)
-    _check("interval", interval, minimum=1e-9)
-    _check("tolerance", tolerance, minimum=1.0)
-    _check("saturated_at", saturated_at, minimum=0.0)
-    if saturated_at > 1:
-        raise ValueError(f"saturated_at must be <= 1, got {saturated_at!r}")
+    check_int("min_in_flight", min_in_flight, 1)
+    check_int("max_in_flight", max_in_flight, min_in_flight)
+    interval = check_seconds("interval", interval, positive=True)
+    tolerance = check_number("tolerance", tolerance, minimum=1.0)
+    saturated_at = check_number("saturated_at", saturated_at, minimum=0.0, maximum=1)
 
     limit = float(min(max(batcher.max_in_flight, min_in_flight), max_in_flight))
     batcher.max_in_flight = round(limit)

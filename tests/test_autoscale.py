@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -144,10 +145,23 @@ async def test_interval_is_exact(autojump_clock: trio.testing.MockClock) -> None
             ValueError,
             r"^max_in_flight must be >= 4, got 2$",
         ),
-        ({"interval": 0}, ValueError, r"^interval must be >= 1e-09, got 0$"),
-        ({"interval": "1"}, TypeError, r"^interval must be a number, got '1'$"),
+        ({"interval": 0}, ValueError, r"^interval must be > 0 and finite, got 0$"),
+        ({"interval": -0.1}, ValueError, r"^interval must be > 0 and finite, got -0\.1$"),
+        ({"interval": math.inf}, ValueError, r"^interval must be > 0 and finite, got inf$"),
+        ({"interval": 10**400}, ValueError, r"^interval must be > 0 and finite, got 10{400}$"),
+        ({"interval": "1"}, TypeError, r"^interval must be a number of seconds, got '1'$"),
         ({"tolerance": 0.5}, ValueError, r"^tolerance must be >= 1\.0, got 0\.5$"),
+        ({"tolerance": math.nan}, ValueError, r"^tolerance must be a finite number, got nan$"),
+        ({"tolerance": 10**400}, ValueError, r"^tolerance must be a finite number, got 10{400}$"),
+        ({"tolerance": "2"}, TypeError, r"^tolerance must be a finite number, got '2'$"),
+        ({"tolerance": True}, TypeError, r"^tolerance must be a finite number, got True$"),
         ({"saturated_at": 2}, ValueError, r"^saturated_at must be <= 1, got 2$"),
+        ({"saturated_at": -0.5}, ValueError, r"^saturated_at must be >= 0\.0, got -0\.5$"),
+        (
+            {"saturated_at": math.inf},
+            ValueError,
+            r"^saturated_at must be a finite number, got inf$",
+        ),
     ],
 )
 async def test_bad_arguments(
