@@ -33,7 +33,6 @@ __all__ = [
     "Target",
     "Variant",
     "Workload",
-    "percentile",
     "run_workloads",
     "text_report",
     "write_reports",
@@ -170,11 +169,6 @@ class Outcome:
             values = self.values(target.variant, target.metric)
             return statistics.median(values) if values else None
         return self.paired(target.variant, target.baseline, target.metric, target.relation)
-
-
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence."""
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 # ---------------------------------------------------------------------------------- running

@@ -43,7 +43,9 @@ from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Final, Literal, cast
 
-from ._harness import Metric, Params, Results, Variant, Workload, percentile
+from mcs._util import nearest_rank
+
+from ._harness import Metric, Params, Results, Variant, Workload
 
 __all__ = ["WORKLOADS"]
 
@@ -295,8 +297,8 @@ def measure_processes(params: Params, processes: int) -> Results:
     latencies = sorted(x for s in served for x in s.latencies)
     return {
         "rps": total / seconds if seconds > 0 else math.inf,
-        "p50": percentile(latencies, 0.50) * 1e3,
-        "p99": percentile(latencies, 0.99) * 1e3,
+        "p50": nearest_rank(latencies, 0.50) * 1e3,
+        "p99": nearest_rank(latencies, 0.99) * 1e3,
     }
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import NamedTuple, TypeVar
 from urllib.parse import quote
 
+from .._util import check_int
+
 __all__ = [
     "ConnectionPool",
     "Dataset",
@@ -215,14 +217,8 @@ def create_dataset(
         ValueError: if ``users`` < 1 or ``seed`` is negative.
         FileExistsError: if ``directory`` already holds a data set.
     """
-    if isinstance(users, bool) or not isinstance(users, int):
-        raise TypeError(f"users must be an int, got {users!r}")
-    if users < 1:
-        raise ValueError(f"users must be >= 1, got {users!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed!r}")
+    check_int("users", users, 1)
+    check_int("seed", seed, 0)
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / name for name in _FILES]
@@ -328,8 +324,7 @@ class ConnectionPool:
     """
 
     def __init__(self, directory: str | os.PathLike[str], size: int) -> None:
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size!r}")
+        check_int("size", size, 1)
         self.size = size
         self._all: list[sqlite3.Connection] = []
         self._free: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()

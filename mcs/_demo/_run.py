@@ -18,7 +18,7 @@ import random
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ import trio
 
 import mcs
 
+from .._util import check_int, nearest_rank
 from ._db import Dataset, create_dataset, open_dataset
 from ._service import Service, open_service
 
@@ -62,7 +63,7 @@ class StageSummary:
         peak_batch_size: the most ids in one query.
         rate_limit_waits: batches that waited for the rate limit.
         queue_wait_p99_ms: time from a lookup to its query starting, 99th percentile of the
-            last 10,000.
+            last 1,024.
     """
 
     name: str
@@ -196,13 +197,6 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else math.inf
 
 
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending sequence (0.0 if empty)."""
-    if not ordered:
-        return 0.0
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
 def request_mix(requests: int, users: int, seed: int) -> list[int]:
     """The user ids of ``requests`` profile views: skewed towards popular (low) ids, with one
     in a hundred for an unknown user."""
@@ -310,8 +304,8 @@ async def _run_mode(
         concurrency=concurrency,
         seconds=seconds,
         requests_per_second=done / seconds if seconds > 0 else math.inf,
-        latency_p50_ms=percentile(ordered, 0.50) * 1e3,
-        latency_p99_ms=percentile(ordered, 0.99) * 1e3,
+        latency_p50_ms=nearest_rank(ordered, 0.50) * 1e3,
+        latency_p99_ms=nearest_rank(ordered, 0.99) * 1e3,
         latency_max_ms=(ordered[-1] if ordered else 0.0) * 1e3,
         lookups=sum(stage.lookups for stage in stages),
         queries=queries,
@@ -321,14 +315,6 @@ async def _run_mode(
         batch_sizes=dict(sorted(sizes.items())),
         latencies=latencies,
     )
-
-
-def _check_positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
-    return value
 
 
 def _measure(
@@ -390,10 +376,10 @@ def run_demo(
     Raises:
         TypeError, ValueError: for a bad argument.
     """
-    _check_positive("requests", requests)
-    _check_positive("concurrency", concurrency)
-    _check_positive("max_batch_size", max_batch_size)
-    _check_positive("max_in_flight", max_in_flight)
+    check_int("requests", requests, 1)
+    check_int("concurrency", concurrency, 1)
+    check_int("max_batch_size", max_batch_size, 1)
+    check_int("max_in_flight", max_in_flight, 1)
     if database is None:
         with tempfile.TemporaryDirectory(prefix="mcs-demo-") as folder:
             dataset = create_dataset(folder, users=users, seed=seed)
@@ -443,10 +429,10 @@ def run_comparison(
     Raises:
         TypeError, ValueError: for a bad argument.
     """
-    _check_positive("requests", requests)
-    _check_positive("concurrency", concurrency)
-    _check_positive("max_batch_size", max_batch_size)
-    _check_positive("max_in_flight", max_in_flight)
+    check_int("requests", requests, 1)
+    check_int("concurrency", concurrency, 1)
+    check_int("max_batch_size", max_batch_size, 1)
+    check_int("max_in_flight", max_in_flight, 1)
     with ExitStack() as cleanup:
         if database is None:
             folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mcs-demo-"))
