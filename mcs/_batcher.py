@@ -288,8 +288,8 @@ class Batcher(Generic[K, V]):
         if state == _QUEUED or state == _ROOM:
             self._intake.withdraw(request)
             self._counts.withdrawn += 1
-            if self._intake.needs_upkeep:
-                self._dispatcher.wake()
+            if self._intake.needs_upkeep or not self._intake.queued:
+                self._dispatcher.wake()  # upkeep to do, or nothing left to wait for
         elif state == _IN_FLIGHT:
             request.state = _DROPPED
             self._counts.dropped += 1

@@ -79,6 +79,8 @@ class _Counters:
             batch_time=self.batch_times.summary(),
             busy_time=self.busy_time,
             failed_batches=self.failed_batches,
+            timed_out_batches=self.timed_out_batches,
+            cancelled_batches=self.cancelled_batches,
             rejected=self.rejected,
             withdrawn=self.withdrawn,
             dropped=self.dropped,

@@ -233,7 +233,9 @@ class _Dispatcher(Generic[K, V]):
             elif step == _STOP:
                 return
             else:
-                if step == _FOR_RATE and rate_wait_started is None:
+                if step == _FOR_ITEMS:
+                    rate_wait_started = None  # the waiting items left
+                elif step == _FOR_RATE and rate_wait_started is None:
                     rate_wait_started = now  # one wait per batch, however often it re-waits
                     counts.rate_waits += 1
                 await self._park(step, until)

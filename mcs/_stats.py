@@ -186,7 +186,10 @@ class BatcherStatistics:
         batch_time: duration of batch_fn calls (recent batches).
         busy_time: total seconds spent in batch_fn calls, summed over calls (so two concurrent
             calls of one second add two); with ``batches``, the mean call time over any period.
-        failed_batches: batch_fn calls that raised.
+        failed_batches: batch_fn calls that raised or were cut by ``batch_timeout``.
+        timed_out_batches: batch_fn calls cut by ``batch_timeout`` (also counted as failed).
+        cancelled_batches: batch_fn calls cancelled because every caller had left
+            (``cancel_abandoned=True``); not failures.
         rejected: calls refused with :exc:`mcs.Overloaded`.
         withdrawn: callers cancelled before their item was sent (their items never reached
             batch_fn).
@@ -211,6 +214,8 @@ class BatcherStatistics:
     batch_time: Percentiles
     busy_time: float
     failed_batches: int
+    timed_out_batches: int
+    cancelled_batches: int
     rejected: int
     withdrawn: int
     dropped: int

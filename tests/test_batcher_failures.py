@@ -333,7 +333,8 @@ async def test_batch_timeout_fails_a_hung_batch_and_frees_its_slot(
             assert await batcher(1) == 1  # the slot came back (max_in_flight=1)
             assert trio.current_time() == 6.0
             statistics = batcher.statistics()
-            assert (statistics.failed_batches, statistics.in_flight) == (1, 0)
+            assert (statistics.failed_batches, statistics.timed_out_batches) == (1, 1)
+            assert (statistics.cancelled_batches, statistics.in_flight) == (0, 0)
 
 
 async def test_batch_timeout_does_not_touch_a_batch_that_finishes_in_time(
@@ -412,7 +413,9 @@ async def test_cancel_abandoned_cancels_a_batch_once_every_caller_left(
     else:
         assert ended[0] == ("finished", 10.0)
         assert trio.current_time() == 20.0
-    assert batcher.statistics().failed_batches == 0
+    statistics = batcher.statistics()
+    assert (statistics.failed_batches, statistics.timed_out_batches) == (0, 0)
+    assert statistics.cancelled_batches == (1 if cancel_abandoned else 0)
 
 
 # ---------------------------------------------------------------- the wrong run or thread
@@ -669,3 +672,23 @@ async def test_results_are_delivered_with_keyboard_interrupt_deferred(fails: boo
             for record in records:
                 batcher._submit_nowait(record)
     assert [record.protected for record in records] == [[True]] * 3
+
+
+# ---------------------------------------------------------------- nothing waits for nobody
+
+
+async def test_closing_does_not_wait_out_a_rate_limit_nobody_waits_for(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def echo(items: list[int]) -> list[int]:
+        return items
+
+    with trio.fail_after(10):
+        async with mcs.open_batcher(echo, rate=mcs.RateLimit(1, per=1000.0)) as batcher:
+            assert await batcher(1) == 1  # spends the burst: the next call may start at 1000
+            with trio.move_on_after(2):
+                await batcher(2)
+            assert trio.current_time() == 2.0
+        assert trio.current_time() == 2.0  # the block closed at once
+    statistics = batcher.statistics()
+    assert (statistics.withdrawn, statistics.rate_limit_waits) == (1, 1)
