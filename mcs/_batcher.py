@@ -56,7 +56,7 @@ from ._rate import RateLimit, _Gcra
 from ._requests import _DROPPED, _IN_FLIGHT, _QUEUED, _ROOM, _Caller, _Request
 from ._split import deliver_error
 from ._stats import BatcherStatistics, _Saturation
-from ._util import check_int, check_seconds, describe, is_async_callable
+from ._util import check_int, check_seconds, describe, is_async_callable, require_trio
 
 __all__ = ["BatchFn", "Batcher", "open_batcher"]
 
@@ -418,6 +418,7 @@ async def open_batcher(
     Raises:
         TypeError, ValueError: at once, for a bad argument; the message names it.
     """
+    require_trio("open_batcher")
     batcher: Batcher[K, V] = Batcher(
         batch_fn,
         max_batch_size=max_batch_size,

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from numbers import Real
 from typing import Any, TypeVar, cast
 
+import trio
+
 __all__ = [
     "check_int",
     "check_number",
@@ -20,6 +22,7 @@ __all__ = [
     "is_async_callable",
     "nearest_rank",
     "public",
+    "require_trio",
     "safe_repr",
 ]
 
@@ -124,3 +127,14 @@ def shown(value: object) -> str:
         if isinstance(value, int):
             return f"an int of {value.bit_length()} bits"
         raise
+
+
+def require_trio(what: str) -> None:
+    """Raise a clear error when ``what`` is used outside a Trio run (under asyncio, say)."""
+    try:
+        trio.lowlevel.current_task()
+    except (RuntimeError, AttributeError):
+        raise RuntimeError(
+            f"mcs.{what} needs Trio (or anyio with the trio backend): it was used outside "
+            "a trio run"
+        ) from None

@@ -7,6 +7,7 @@ fails the test instead of the run.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import threading
 import weakref
@@ -692,3 +693,19 @@ async def test_closing_does_not_wait_out_a_rate_limit_nobody_waits_for(
         assert trio.current_time() == 2.0  # the block closed at once
     statistics = batcher.statistics()
     assert (statistics.withdrawn, statistics.rate_limit_waits) == (1, 1)
+
+
+def test_under_asyncio_open_batcher_says_it_needs_trio() -> None:
+    async def echo(items: list[int]) -> list[int]:
+        return items
+
+    async def main() -> None:
+        async with mcs.open_batcher(echo):
+            raise AssertionError("opened outside trio")
+
+    with pytest.raises(RuntimeError) as caught:
+        asyncio.run(main())
+    assert str(caught.value) == (
+        "mcs.open_batcher needs Trio (or anyio with the trio backend): it was used outside a "
+        "trio run"
+    )
