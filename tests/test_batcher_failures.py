@@ -541,17 +541,21 @@ def test_failed_batches_leave_no_cyclic_garbage() -> None:
 # ---------------------------------------------------------------- a batch_fn that calls itself
 
 
-async def test_a_batch_fn_calling_its_own_batcher_with_no_free_slot_raises() -> None:
-    async def recursive(items: list[int]) -> list[int]:
-        results = []
-        for item in items:
-            results.append(item if item == 0 else await tree(item - 1) + 1)
-        return results
+class CountDown:
+    """A batch_fn that answers ``n`` by calling its own batcher for ``n - 1`` (0 is 0)."""
 
+    batcher: mcs.Batcher[int, int]
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        return [item if item == 0 else await self.batcher(item - 1) + 1 for item in items]
+
+
+async def test_a_batch_fn_calling_its_own_batcher_with_no_free_slot_raises() -> None:
+    count_down = CountDown()
     with trio.fail_after(5):
-        async with mcs.open_batcher(recursive, name="tree") as tree:
+        async with mcs.open_batcher(count_down, name="tree") as count_down.batcher:
             with pytest.raises(RuntimeError) as caught:
-                await tree(3)
+                await count_down.batcher(3)
     assert str(caught.value) == (
         "batcher 'tree': batch_fn called its own batcher while all 1 in-flight slots are held "
         "by batches waiting for such calls; this would deadlock"
@@ -559,14 +563,10 @@ async def test_a_batch_fn_calling_its_own_batcher_with_no_free_slot_raises() -> 
 
 
 async def test_a_batch_fn_may_call_its_own_batcher_while_a_slot_is_free() -> None:
-    async def recursive(items: list[int]) -> list[int]:
-        results = []
-        for item in items:
-            results.append(item if item == 0 else await tree(item - 1) + 1)
-        return results
-
+    count_down = CountDown()
     with trio.fail_after(5):
-        async with mcs.open_batcher(recursive, max_in_flight=3) as tree:
+        async with mcs.open_batcher(count_down, max_in_flight=3) as tree:
+            count_down.batcher = tree
             assert await tree(2) == 2
             with pytest.raises(RuntimeError, match=r"this would deadlock$"):
                 await tree(3)
