@@ -2,37 +2,75 @@
 
 A node is deliberately a plain slotted record that the graph drives (see ``_graph.py``): it
 knows how to be awaited and how to take a batcher's result, and nothing else. A call node *is*
-its batcher's request record, which is how a batched call costs no task.
+its batcher's request record, which is how a batched call costs no task. The batcher owns the
+slots ``item``, ``state``, ``t0`` and ``batch``; the node never reads or writes them except to
+give ``item`` and ``t0`` their values before it is submitted.
+
+A node's life (:class:`NodeState`)::
+
+    PENDING --(dependencies resolved)--> RUNNING --(value, error or cancelled)--> FINISHED
+       |                                                                              ^
+       +------------------(cancelled: the graph failed or was cancelled)--------------+
+
+An outcome is not a state: a FINISHED node's outcome (:class:`NodeOutcome`: VALUE, ERROR or
+CANCELLED) is a field of its own, with ``_value`` or ``_error`` and ``_tb`` beside it. A
+cancelled node keeps the reason in ``_error``/``_tb`` when there is one (the graph's first
+error), so that ``await node`` raises it.
+
+Errors are raised with :func:`mcs._park.reraise`: each raise restores the traceback the error
+had when it reached the node, so a node read or awaited many times, or an error shared by many
+nodes, never carries another caller's frames and never grows.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import trio
-from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, reschedule
-from trio.lowlevel import wait_task_rescheduled as _park
+from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, enable_ki_protection
 
+from ._park import park, reraise, wake
 from ._requests import _Request
 from ._trace import NodeKind
 
 if TYPE_CHECKING:
     from ._graph import Graph
 
-__all__ = ["Node"]
+__all__ = ["Node", "NodeOutcome", "NodeState"]
 
 T = TypeVar("T")
 
-# A node's life. A node is unfinished while its status is below _DONE.
-_PENDING: Final = 0  # waiting for dependencies
-_RUNNING: Final = 1  # started: in a batcher, or its task is running
-_DONE: Final = 2
-_FAILED: Final = 3
-_CANCELLED: Final = 4
-_OUTCOMES: Final = ("pending", "running", "value", "error", "cancelled")
+
+class NodeState(enum.IntEnum):
+    """Where a node is in its life; see the diagram in the module docstring."""
+
+    PENDING = 0  # waiting for dependencies
+    RUNNING = 1  # started: in a batcher, or its task is running
+    FINISHED = 2  # has an outcome
+
+
+class NodeOutcome(enum.IntEnum):
+    """How a FINISHED node ended."""
+
+    VALUE = 0
+    ERROR = 1
+    CANCELLED = 2
+
+
+# Aliases for the comparisons made on every node.
+_PENDING: Final = NodeState.PENDING
+_RUNNING: Final = NodeState.RUNNING
+_FINISHED: Final = NodeState.FINISHED
+_VALUE: Final = NodeOutcome.VALUE
+_ERROR: Final = NodeOutcome.ERROR
+_CANCELLED: Final = NodeOutcome.CANCELLED
+
+_OUTCOME_NAMES: Final = ("value", "error", "cancelled")
+
 
 class Node(_Request[Any, Any], Generic[T]):
     """One unit of work in a graph; ``await node`` gives its value or raises its error.
@@ -60,11 +98,14 @@ class Node(_Request[Any, Any], Generic[T]):
         "_graph",
         "_kwargs",
         "_next_ready",
+        "_node_state",
+        "_outcome",
         "_previous",
-        "_status",
+        "_tb",
         "_unresolved",
         "_value",
         "_waiters",
+        "batch",
         "end",
         "item",
         "name",
@@ -88,14 +129,17 @@ class Node(_Request[Any, Any], Generic[T]):
         self._args = args
         self._kwargs = kwargs
         self._after: tuple[Node[Any], ...] = ()
-        self._status = _PENDING
+        self._node_state = _PENDING
+        self._outcome = _VALUE  # meaningful once FINISHED
         self._unresolved = 0
         self._dependents: Node[Any] | list[Node[Any]] | None = None
         self._previous: Node[Any] | None = None
         self._next_ready: Node[Any] | None = None
-        self._waiters: list[Task] | None = None
+        self._waiters: list[Task | None] | None = None
         self._value: T | None = None
         self._error: BaseException | None = None
+        self._tb: TracebackType | None = None
+        self.batch: object = None  # the batcher's
         self.start = math.nan
         self.end = math.nan
 
@@ -104,7 +148,7 @@ class Node(_Request[Any, Any], Generic[T]):
     @property
     def done(self) -> bool:
         """Whether the node has finished (with a value, an error, or cancelled)."""
-        return self._status >= _DONE
+        return self._node_state == _FINISHED
 
     @property
     def result(self) -> T:
@@ -112,47 +156,69 @@ class Node(_Request[Any, Any], Generic[T]):
 
         Raises:
             RuntimeError: if the node has not finished, or was cancelled.
-            Exception: the node's own error, if it failed.
+            Exception: the node's own error, if it failed, with the traceback it failed with.
         """
-        status = self._status
-        if status == _DONE:
+        if self._node_state != _FINISHED:
+            raise RuntimeError(f"node {self.name!r} has not finished yet; await it first")
+        outcome = self._outcome
+        if outcome == _VALUE:
             return self._value  # type: ignore[return-value]
-        if status == _FAILED:
-            assert self._error is not None
-            raise self._error
-        if status == _CANCELLED:
+        if outcome == _CANCELLED:
             raise RuntimeError(f"node {self.name!r} was cancelled before it finished")
-        raise RuntimeError(f"node {self.name!r} has not finished yet; await it first")
+        error, tb = self._error, self._tb
+        assert error is not None
+        del self  # no frame -> node -> error -> traceback -> frame cycle
+        try:
+            reraise(error, tb)
+        finally:
+            del error, tb
 
     def __await__(self) -> Generator[Any, None, T]:
         return self._wait().__await__()
 
     def __repr__(self) -> str:
-        return f"<mcs.Node {self.name!r} {self.kind} {_OUTCOMES[self._status]}>"
+        return f"<mcs.Node {self.name!r} {self.kind} {_outcome_name(self)}>"
 
     # ------------------------------------------------------------------ waiting
 
     async def _wait(self) -> T:
-        if self._status >= _DONE:
+        if self._node_state == _FINISHED:
             await trio.lowlevel.checkpoint()
         else:
-            task = current_task()
-            if self._waiters is None:
-                self._waiters = [task]
-            else:
-                self._waiters.append(task)
+            await self._park_waiter()
+        if self._outcome == _VALUE:
+            return self._value  # type: ignore[return-value]
+        error, tb = self._error, self._tb
+        if error is None:  # cancelled from outside the graph
+            raise RuntimeError(f"node {self.name!r} was cancelled before it finished")
+        del self
+        try:
+            reraise(error, tb)  # its own error, or the graph error that cancelled it
+        finally:
+            del error, tb
 
-            def abort(_: RaiseCancelT) -> Abort:
-                if self._waiters is not None:
-                    self._waiters.remove(task)
-                return Abort.SUCCEEDED
+    @enable_ki_protection
+    async def _park_waiter(self) -> None:
+        waiters = self._waiters
+        if waiters is None:
+            waiters = self._waiters = []
+        index = len(waiters)
+        waiters.append(current_task())
 
-            await _park(abort)
-        if self._status == _CANCELLED:
-            graph_error = self._graph._error if self._graph is not None else None
-            if graph_error is not None:
-                raise graph_error  # the reason this node was cancelled
-        return self.result
+        def abort(_: RaiseCancelT) -> Abort:
+            waiters[index] = None  # mark only: _wake_waiters skips it
+            return Abort.SUCCEEDED
+
+        await park(abort)
+
+    @enable_ki_protection
+    def _wake_waiters(self) -> None:
+        waiters = self._waiters
+        if waiters:
+            self._waiters = None
+            for task in waiters:
+                if task is not None:
+                    wake(task)
 
     def _dependencies(self) -> list[Node[Any]]:
         """The distinct nodes this node waits for, in argument order."""
@@ -168,24 +234,20 @@ class Node(_Request[Any, Any], Generic[T]):
             return deps
         return list(dict.fromkeys(deps))
 
-    def _wake_waiters(self) -> None:
-        waiters = self._waiters
-        if waiters:
-            self._waiters = None
-            for task in waiters:
-                reschedule(task)
-
     # ------------------------------------------------------------------ batcher protocol
 
     def _deliver_value(self, value: Any, now: float) -> None:
         graph = self._graph
-        if graph is not None and self._status == _RUNNING:
-            graph._resolve(self, value, now)
+        if graph is not None and self._node_state == _RUNNING:
+            try:
+                graph._resolve(self, value, now)
+            finally:  # on the stack under apply functions: see GraphCore._run_ready
+                del self, graph, value
 
     def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
         graph = self._graph
-        if graph is not None and self._status == _RUNNING:
-            graph._fail(self, error, now)
+        if graph is not None and self._node_state == _RUNNING:
+            graph._fail(self, error, tb, now)
 
 
 class _ApplyNode(Node[T]):
@@ -199,6 +261,14 @@ class _SpawnNode(Node[T]):
 
 
 Node.__module__ = "mcs"
+
+
+def _outcome_name(node: Node[Any]) -> str:
+    """``"pending"``, ``"running"``, or the outcome of a finished node, for traces and reprs."""
+    state = node._node_state
+    if state == _FINISHED:
+        return _OUTCOME_NAMES[node._outcome]
+    return "pending" if state == _PENDING else "running"
 
 
 def _substitute(value: Any) -> Any:

@@ -355,10 +355,11 @@ async def test_bad_node_arguments_are_refused() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"timeout": -1}, ValueError, r"^timeout must be >= 0, got -1$"),
-        ({"timeout": math.nan}, ValueError, r"^timeout must be >= 0, got nan$"),
-        ({"timeout": "1"}, TypeError, r"^timeout must be a number of seconds or None, got '1'$"),
-        ({"timeout": True}, TypeError, r"^timeout must be a number of seconds or None, got True$"),
+        ({"timeout": -1}, ValueError, r"^timeout must be >= 0 and finite, got -1$"),
+        ({"timeout": math.nan}, ValueError, r"^timeout must be >= 0 and finite, got nan$"),
+        ({"timeout": math.inf}, ValueError, r"^timeout must be >= 0 and finite, got inf$"),
+        ({"timeout": "1"}, TypeError, r"^timeout must be a number of seconds, got '1'$"),
+        ({"timeout": True}, TypeError, r"^timeout must be a number of seconds, got True$"),
         ({"name": 3}, TypeError, r"^name must be a str or None, got 3$"),
     ],
 )
@@ -1058,15 +1059,19 @@ async def test_a_scope_inside_the_block_does_not_bound_later_spawns(
 async def test_a_clean_exit_means_every_node_has_its_value(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # The enclosing deadline is pushed back after the first spawn: whatever the graph does
-    # with its tasks, it must not end the block quietly with a node cancelled.
+    # The enclosing deadline is pushed back after the graph was entered: spawned nodes keep
+    # the deadline of graph entry, so the nap is cancelled at 1.0; the block must not end
+    # quietly with a node cancelled.
     with trio.move_on_after(1.0) as scope:
-        async with mcs.open_graph() as g:
-            nap = g.spawn(trio.sleep, 2.0, name="nap")
-            scope.deadline += 5.0
+        with pytest.raises(  # noqa: PT012
+            trio.TooSlowError, match=r"^graph 'graph' passed the deadline it was entered with$"
+        ):
+            async with mcs.open_graph() as g:
+                nap = g.spawn(trio.sleep, 2.0, name="nap")
+                scope.deadline += 5.0
         assert nap.done
-        assert [(n.name, n.outcome) for n in g.trace().nodes] == [("nap", "value")]
-        assert trio.current_time() == 2.0
+        assert [(n.name, n.outcome) for n in g.trace().nodes] == [("nap", "cancelled")]
+        assert trio.current_time() == 1.0
     assert not scope.cancelled_caught
 
 

@@ -1,0 +1,355 @@
+"""The engine of a graph: nodes counted, linked to their dependencies, started when ready.
+
+This is the part of :class:`mcs.Graph` that runs without awaiting: adding a node, starting the
+nodes whose dependencies resolved, taking a result or an error, cancelling. It is driven from
+whichever task is at hand (the request task, a batcher's batch task, a spawned node's task),
+never awaits, and never parks anything but through ``_park.py``. ``_graph.py`` holds the public
+methods and the block (``__aenter__``/``__aexit__``) on top of it.
+
+Why a plain object and not a nursery: see ``_graph.py``. The shape of the data follows from the
+garbage collector: nodes are linked backwards (``Node._previous``) and to their dependents (one
+bare, or a list), the ready queue is a stack linked through the nodes, and every link points at
+an older node, so a finished graph is freed by reference counting.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import math
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Final
+
+import trio
+from trio.lowlevel import Task, enable_ki_protection
+
+from ._node import (
+    _CANCELLED,
+    _ERROR,
+    _FINISHED,
+    _PENDING,
+    _RUNNING,
+    _VALUE,
+    Node,
+    _SpawnNode,
+    _substitute,
+)
+from ._park import original_traceback, wake
+from ._spawn import _DONE as _HOST_DONE
+from ._spawn import SpawnHost
+
+__all__ = ["GraphCore", "GraphPhase"]
+
+
+class GraphPhase(enum.IntEnum):
+    """Where a graph is in its life; see the diagram in the module docstring."""
+
+    NEW = 0
+    OPEN = 1
+    CLOSED = 2
+
+
+_NEW: Final = GraphPhase.NEW
+_OPEN: Final = GraphPhase.OPEN
+_CLOSED: Final = GraphPhase.CLOSED
+
+
+class GraphCore:
+    """The state of a graph and the code that runs its nodes; see :class:`mcs.Graph`."""
+
+    __slots__ = (
+        "_closing",
+        "_context",
+        "_deadline",
+        "_error",
+        "_error_tb",
+        "_exit_waiter",
+        "_host",
+        "_last",
+        "_phase",
+        "_ready",
+        "_root",
+        "_scope",
+        "_starting",
+        "_stopped",
+        "_task",
+        "_timeout",
+        "_unfinished",
+        "name",
+        "start",
+    )
+
+    def __init__(self, timeout: float | None, name: str) -> None:
+        self.name = name
+        self._timeout = timeout
+        self._phase = _NEW
+        # The nodes, linked backwards through Node._previous: like dependencies, these links
+        # only point at older nodes, so the nodes of a finished graph hold no reference cycle
+        # and are freed by reference counting, not by the cyclic GC.
+        self._last: Node[Any] | None = None
+        self._unfinished = 0
+        self._error: BaseException | None = None  # the first failure, raised by the block
+        self._error_tb: TracebackType | None = None
+        self._stopped = False  # cancelled (by a failure or from outside): no node may start
+        self._ready: Node[Any] | None = None  # a stack linked through Node._next_ready
+        self._starting = False
+        self._exit_waiter: Task | None = None
+        self._scope: trio.CancelScope | None = None
+        self._host: SpawnHost | None = None
+        self._closing = False  # the block's body is done: no more nodes from it
+        # Captured at entry: the request task, its run, context and deadline.
+        self._task: Task | None = None
+        self._root: Task | None = None
+        self._context: contextvars.Context | None = None
+        self._deadline = math.inf
+        self.start = math.nan
+
+    def _append(self, node: Node[Any]) -> None:
+        node._previous = self._last
+        self._last = node
+        self._unfinished += 1
+
+    def _nodes(self) -> list[Node[Any]]:
+        """The nodes in creation order."""
+        nodes = []
+        node = self._last
+        while node is not None:
+            nodes.append(node)
+            node = node._previous
+        nodes.reverse()
+        return nodes
+
+    def _add(self, node: Node[Any], after: Iterable[Node[Any]]) -> None:
+        """Link ``node`` to its dependencies, and start it if none is pending."""
+        doomed = self._link(node, after)
+        try:
+            if doomed:
+                self._cancel(node, trio.current_time())
+            elif node._unresolved == 0:
+                self._push_ready(node)
+                self._run_ready(trio.current_time())
+        finally:
+            del self, node, after
+
+    def _link(self, node: Node[Any], after: Iterable[Node[Any]]) -> bool:
+        """Add ``node`` to the graph and to its dependencies' dependents; True if one of them
+        failed or was cancelled (or the graph was), so that the node can never run."""
+        if after:
+            node._after = tuple(after)
+            for dep in node._after:
+                if not isinstance(dep, Node):
+                    raise TypeError(f"after must hold nodes, got {dep!r}")
+        deps = node._dependencies()
+        for dep in deps:
+            if dep._graph is not self:
+                raise ValueError(f"node {dep.name!r} belongs to another graph")
+        self._append(node)
+        doomed = self._stopped
+        for dep in deps:
+            if dep._node_state == _FINISHED:
+                if dep._outcome != _VALUE:  # failed or cancelled: this node can never run
+                    doomed = True
+            else:
+                node._unresolved += 1
+                dependents = dep._dependents
+                if dependents is None:
+                    dep._dependents = node
+                elif isinstance(dependents, list):
+                    dependents.append(node)
+                else:
+                    dep._dependents = [dependents, node]
+        return doomed
+
+    # ------------------------------------------------------------------ running nodes
+
+    def _push_ready(self, node: Node[Any]) -> None:
+        node._next_ready = self._ready
+        self._ready = node
+
+    # A user function that raises leaves a traceback whose frames keep their callers' frames
+    # (f_back) and, once those return, their locals. So every function that can be on the
+    # stack under an apply function (_add, _run_ready, _run_apply, _resolve, Node's delivery,
+    # Graph.apply) deletes its locals before returning: a local left holding the graph or a
+    # node would make a cycle node -> error -> traceback -> frame -> node.
+
+    def _run_ready(self, now: float) -> None:
+        """Start every ready node; iterative, so long chains of transforms cannot recurse."""
+        if self._starting:
+            return
+        self._starting = True
+        node: Node[Any] | None = None
+        try:
+            while self._ready is not None:
+                node = self._ready
+                self._ready = node._next_ready
+                node._next_ready = None
+                if node._node_state != _PENDING:
+                    continue
+                if self._stopped:
+                    self._cancel(node, now)
+                elif node.kind == "call":
+                    self._start_call(node, now)
+                elif node.kind == "apply":
+                    self._run_apply(node, now)
+                else:
+                    self._start_spawn(node, now)  # type: ignore[arg-type]
+        finally:
+            self._starting = False
+            del self, node
+
+    def _start_call(self, node: Node[Any], now: float) -> None:
+        node._node_state = _RUNNING
+        node.start = node.t0 = now
+        node.item = _substitute(node._args)
+        try:
+            node._fn._submit_nowait(node)
+        except Exception as exc:  # closed, overloaded, wrong run: the node fails like any other
+            # An error of the batcher's own making: its traceback (mcs frames only) would keep
+            # this call's frames, and the graph with them, alive.
+            self._fail(node, exc.with_traceback(None), None, now)
+
+    def _run_apply(self, node: Node[Any], now: float) -> None:
+        node._node_state = _RUNNING
+        node.start = now
+        args = [_substitute(arg) for arg in node._args]
+        context = self._context
+        assert context is not None
+        try:
+            if node._kwargs:
+                kwargs = {k: _substitute(v) for k, v in node._kwargs.items()}
+                value = context.run(node._fn, *args, **kwargs)
+            else:
+                value = context.run(node._fn, *args)
+        except BaseException as exc:  # it runs on someone else's task: never let it escape
+            self._fail(node, exc, original_traceback(exc), now)
+        else:
+            self._resolve(node, value, now)
+        finally:
+            del self, node, args, context
+
+    def _resolve(self, node: Node[Any], value: Any, now: float) -> None:
+        node._value = value
+        node._node_state = _FINISHED
+        node.end = now
+        self._finished(node)
+        dependents = node._dependents
+        if dependents is None:
+            return
+        node._dependents = None
+        try:
+            if isinstance(dependents, list):
+                for dependent in dependents:
+                    dependent._unresolved -= 1
+                    if dependent._unresolved == 0:
+                        self._push_ready(dependent)
+                del dependent
+            else:
+                dependents._unresolved -= 1
+                if dependents._unresolved == 0:
+                    self._push_ready(dependents)
+            self._run_ready(now)
+        finally:
+            del self, node, value, dependents
+
+    def _fail(
+        self, node: Node[Any], error: BaseException, tb: TracebackType | None, now: float
+    ) -> None:
+        node._error = error
+        node._tb = tb
+        node._outcome = _ERROR
+        node._node_state = _FINISHED
+        node.end = now
+        node._dependents = None
+        first = self._error is None
+        if first:
+            # Before _finished: this may be the node that ends the graph.
+            self._error = error
+            self._error_tb = tb
+        self._finished(node)
+        if first:
+            self._cancel_all(now)
+
+    def _finished(self, node: Node[Any]) -> None:
+        if node._waiters:
+            node._wake_waiters()
+        self._unfinished -= 1
+        if self._unfinished == 0:
+            self._wake_exit()
+            if self._closing and self._host is not None:
+                self._host.wake()
+
+    def _cancel(self, node: Node[Any], now: float) -> None:
+        """Stop an unfinished node; a running spawned node finishes when its task does."""
+        if node._node_state == _RUNNING:
+            if node.kind == "spawn":
+                return  # its task is cancelled with the graph's nursery
+            if node.kind == "call":
+                node._fn._withdraw(node)
+        node._node_state = _FINISHED
+        node._outcome = _CANCELLED
+        node._error = self._error  # the reason, if any: what `await node` raises
+        node._tb = self._error_tb
+        node.end = now
+        node._dependents = None
+        self._finished(node)
+
+    def _cancel_all(self, now: float) -> None:
+        self._stopped = True
+        for node in self._nodes():
+            if node._node_state != _FINISHED:
+                self._cancel(node, now)
+        if self._host is not None:
+            for node in self._host.cancel():
+                node._node_state = _PENDING  # never started: cancel it here
+                self._cancel(node, now)
+
+    # ------------------------------------------------------------------ spawned nodes
+
+    def _start_spawn(self, node: _SpawnNode[Any], now: float) -> None:
+        node._node_state = _RUNNING
+        host = self._host
+        if host is None:
+            self._host = SpawnHost(self, node)
+        elif not host.start(node):  # the nursery is cancelled or gone: the node cannot run
+            self._interrupted(node, now)
+
+    def _interrupted(self, node: _SpawnNode[Any], now: float) -> None:
+        """A spawned node was cancelled, or could not start, because its nursery was."""
+        if not self._stopped:
+            # Not the graph's doing: the deadline of graph entry passed, or the parent nursery
+            # was cancelled. The request task usually sees the same cancellation and raises it;
+            # if it does not (a deadline pushed back after entry), the block must still not end
+            # quietly with a node cancelled.
+            if now >= self._deadline:
+                reason = f"graph {self.name!r} passed the deadline it was entered with"
+            else:
+                reason = f"graph {self.name!r} had its spawned nodes cancelled from outside"
+            self._error = trio.TooSlowError(reason)
+            self._error_tb = None
+        node._node_state = _PENDING  # so that _cancel finishes it here
+        self._cancel(node, now)
+        if not self._stopped:
+            self._cancel_all(now)
+
+    def _host_done(self) -> None:
+        self._wake_exit()
+
+    def _host_running(self) -> bool:
+        host = self._host
+        return host is not None and host.phase != _HOST_DONE
+
+    @enable_ki_protection
+    def _wake_exit(self) -> None:
+        task = self._exit_waiter
+        if task is not None:
+            self._exit_waiter = None
+            wake(task)  # it re-checks for itself
+
+    def _close(self) -> None:
+        self._phase = _CLOSED
+        self._task = self._context = None
+        node = self._last
+        while node is not None:
+            node._graph = None  # break node <-> graph cycles so the GC need not
+            node = node._previous
