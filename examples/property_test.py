@@ -6,7 +6,9 @@ property: however many requests run at once, however the batchers are limited an
 slow the downstream is, every feed is right, a user that fails to load fails only the requests
 that need it, the batchers stay within their limits, and nothing is left running.
 
-Run it with ``pytest examples/property_test.py`` or ``python examples/property_test.py``.
+Run it with ``python examples/property_test.py``, or under pytest: ``pip install
+'trio-mcs[testing]' pytest``, then ``pytest examples/property_test.py`` (``examples/pytest.ini``
+keeps the library's own pytest settings, which need pytest-trio, out of the way).
 """
 
 from __future__ import annotations

@@ -302,5 +302,5 @@ def test_cli_says_how_to_install_missing_extras(tmp_path: Path) -> None:
     result = run_cli("demo", *TINY, cwd=tmp_path, code=code)
     assert result.returncode == 2
     assert "rich and matplotlib" in result.stderr
-    assert "pip install 'mcs[demo]'" in result.stderr
+    assert "pip install 'trio-mcs[demo]'" in result.stderr
     assert "Traceback" not in result.stderr

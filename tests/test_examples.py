@@ -5,17 +5,22 @@ Each example runs in a subprocess with small sizes; nothing asserts on wall-cloc
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,6 +107,20 @@ def test_property_test_example() -> None:
     assert result.stdout.strip() == "ok"
 
 
+def test_property_test_example_under_pytest_without_pytest_trio(tmp_path: Path) -> None:
+    # as its docstring says, after installing the `testing` extra and pytest only
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:trio", str(EXAMPLES / "property_test.py")],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^1 passed", result.stdout.splitlines()[-1].strip("= "))
+
+
 def test_tcp_server_self_test() -> None:
     result = run_example("tcp_server.py", "--self-test", "--requests", "300", "--connections", "6")
     assert result.returncode == 0, result.stderr
@@ -154,6 +173,7 @@ def test_http_service_under_load(http_service: tuple[subprocess.Popen[str], int]
     )
     assert load.returncode == 0, load.stderr
     result = json.loads(load.stdout)
+    assert result["engine"] == "processes"
     assert result["requests"] == 200
     assert result["errors"] == 0
     assert set(result["statuses"]) <= {"200", "404"}
@@ -161,8 +181,10 @@ def test_http_service_under_load(http_service: tuple[subprocess.Popen[str], int]
     assert result["requests_per_second"] > 0
     assert 0 < result["latency_p50_ms"] <= result["latency_p99_ms"]
     stages = {stage["name"]: stage for stage in result["stages"]}
-    assert set(stages) == {"users", "timelines", "followers"}
-    assert 0 < stages["timelines"]["items"] <= 200  # equal ids in one batch are sent once
+    assert set(stages) == {"users", "posts"}
+    # the user and their best friend for each 200; the user alone for each 404
+    assert stages["users"]["items"] <= 2 * 200
+    assert 0 < stages["posts"]["items"] <= 200  # equal ids in one batch are sent once
     assert all(stage["mean_batch_size"] >= 1 for stage in stages.values())
 
     returncode, stdout, stderr = stop(process, signal.SIGTERM)
@@ -175,12 +197,138 @@ def test_load_text_report(http_service: tuple[subprocess.Popen[str], int]) -> No
     load = run_example("load.py", "--url", f"http://127.0.0.1:{port}", "--requests", "30")
     assert load.returncode == 0, load.stderr
     assert re.search(
-        r"^30 requests in [\d.]+ s from 50 clients: [\d,]+ requests/s$", load.stdout, re.MULTILINE
+        r"^30 requests in [\d.]+ s over 50 connections \(processes\): [\d,]+ requests/s$",
+        load.stdout,
+        re.MULTILINE,
     )
     assert re.search(r"^latency p50 [\d.]+ ms, p99 [\d.]+ ms$", load.stdout, re.MULTILINE)
+    assert re.search(r"^  stage 'posts': \d+ ids in \d+ queries", load.stdout, re.MULTILINE)
 
 
 def test_load_refuses_a_remote_url() -> None:
     load = run_example("load.py", "--url", "http://example.com:80")
     assert load.returncode == 2
     assert "--url must be on the loopback interface" in load.stderr
+
+
+def test_load_without_a_server_is_one_line_and_exit_1() -> None:
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    load = run_example("load.py", "--url", f"http://127.0.0.1:{port}", "--requests", "5")
+    assert load.returncode == 1
+    assert load.stdout == ""
+    assert re.fullmatch(
+        rf"load: cannot use the service at http://127\.0\.0\.1:{port}: .*\n", load.stderr
+    )
+
+
+def test_http_service_on_a_busy_port_is_one_line_and_exit_1(
+    http_service: tuple[subprocess.Popen[str], int],
+) -> None:
+    _, port = http_service
+    second = run_example("http_service.py", "--port", str(port), "--users", "50")
+    assert second.returncode == 1
+    assert second.stdout == ""
+    assert second.stderr == f"http_service: 127.0.0.1:{port} is already in use\n"
+
+
+def test_hypercorn_serves_the_module_level_app_with_two_workers() -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "-k",
+            "trio",
+            "--workers",
+            "2",
+            "--bind",
+            "127.0.0.1:0",
+            "examples.http_service:app",
+        ],
+        cwd=ROOT,
+        env={**ENV, "MCS_EXAMPLE_USERS": "100"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        ready, _, _ = select.select([process.stderr], [], [], TIMEOUT)
+        assert ready, "hypercorn printed nothing"
+        match = re.search(r"Running on http://127\.0\.0\.1:(\d+) ", process.stderr.readline())
+        assert match
+        port = int(match[1])
+        wait_until_accepting(port)
+        pages = [http_get(port, f"/users/{i}") for i in (1, 2, 100, 101)]
+        info = http_get(port, "/")
+    finally:
+        returncode, _, stderr = stop(process, signal.SIGTERM)
+    assert [status for status, _ in pages] == [200, 200, 200, 404]
+    assert pages[0][1]["user"] == {
+        "id": 1,
+        "name": "user1",
+        "best_friend": pages[0][1]["user"]["best_friend"],
+    }
+    assert pages[3][1] == {"error": "no user 101"}
+    assert info == (200, {"users": 100})
+    assert returncode == 0, stderr
+
+
+def http_get(port: int, path: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=TIMEOUT) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.load(error)
+
+
+def test_examples_use_the_public_api_only() -> None:
+    private = []
+    for path in sorted(EXAMPLES.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+                names: list[str] = []
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                modules = [node.value.id] if node.value.id == "mcs" else []
+                names = [node.attr]
+            else:
+                continue
+            for module in modules:
+                parts = module.split(".")
+                if parts[0] != "mcs":
+                    continue
+                if any(part.startswith("_") for part in parts) or any(
+                    name.startswith("_") for name in names
+                ):
+                    private.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert private == []
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None,
+    reason="wrk is not installed (apt-get install wrk): the load generator is compared with it",
+)
+def test_load_generator_agrees_with_wrk(http_service: tuple[subprocess.Popen[str], int]) -> None:
+    _, port = http_service
+    common = ["--url", f"http://127.0.0.1:{port}", "--concurrency", "64", "--json"]
+    timed = ["--requests", "1000000", "--duration", "2"]
+    warm_up = run_example("load.py", *common, "--requests", "500")
+    assert warm_up.returncode == 0, warm_up.stderr
+    rates: dict[str, list[float]] = {"wrk": [], "processes": []}
+    for _ in range(2):  # interleaved, so that both see the same machine
+        for engine in rates:
+            load = run_example("load.py", *common, *timed, "--engine", engine)
+            assert load.returncode == 0, load.stderr
+            result = json.loads(load.stdout)
+            assert result["engine"] == engine
+            assert result["errors"] == 0
+            rates[engine].append(result["requests_per_second"])
+    ratio = max(rates["processes"]) / max(rates["wrk"])
+    assert 0.8 <= ratio <= 1.2, rates

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         print(
             f"the demo needs {' and '.join(missing)}: install the 'demo' extra, "
-            "e.g. pip install 'mcs[demo]' (or pass --json --no-plot to run without them)",
+            "e.g. pip install 'trio-mcs[demo]' (or pass --json --no-plot to run without them)",
             file=sys.stderr,
         )
         return EXIT_MISSING_EXTRAS
