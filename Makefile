@@ -1,9 +1,10 @@
-# The two set-up commands of the README. Each creates .venv and installs what it needs.
+# The two set-up commands of the README (demo, test). Each creates .venv and installs what it
+# needs; `make docs` serves the documentation at http://127.0.0.1:8000.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench bench-hot
+.PHONY: demo test docs wrk bench bench-hot
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,11 +14,24 @@ demo: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[demo]'
 	$(BIN)/python -m mcs demo $(ARGS)
 
-test: $(BIN)/python
+test: $(BIN)/python wrk
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	site=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet \
+		--site-dir "$$site"; status=$$?; rm -rf "$$site"; exit $$status
 	$(BIN)/python -m pytest $(ARGS)
+
+docs: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
+
+# wrk lets a test compare examples/load.py with it. Installed only where that is cheap (root
+# with apt-get, as on CI); elsewhere that test is skipped, with its reason.
+wrk:
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -qq wrk || { apt-get update -qq && apt-get install -y -qq wrk; }; } \
+		>/dev/null 2>&1; } || true
 
 bench: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
