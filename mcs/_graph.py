@@ -15,7 +15,9 @@ no cancel scope, no task.
 Where code runs. An ``apply`` function runs in the task that resolved its last dependency: a
 batcher's batch task (a slow one delays the rest of that batch's results, for every request in
 it, and everything else that task does next), a spawned node's task, or the request task. It
-runs in the request's ``contextvars`` context as of graph entry, whichever task that is. Only
+runs in the request task's ``contextvars`` context, whichever task that is: the request's own
+context object (not a copy, which would cost a GC-tracked object per request), so it sees what
+the request's code would see at that moment, and what it sets, the request sees. Only
 ``spawn`` (an arbitrary coroutine) needs a task: see ``_spawn.py`` for where those tasks live
 (in the request's task tree, under the request's deadline) and what they cost. Graphs that never
 spawn never pay for it.
@@ -44,7 +46,6 @@ A node's life is in ``_node.py``, the spawn host's in ``_spawn.py``.
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import types
 from collections.abc import Awaitable, Callable, Iterable
@@ -55,7 +56,6 @@ import trio
 from trio.lowlevel import (
     Abort,
     RaiseCancelT,
-    Task,
     current_root_task,
     current_task,
     enable_ki_protection,
@@ -79,14 +79,6 @@ __all__ = ["Graph", "GraphPhase", "Node", "open_graph"]
 T = TypeVar("T")
 K = TypeVar("K")
 V = TypeVar("V")
-
-
-def _root_task() -> Task | None:
-    """The root task of the current trio run, or None outside of one."""
-    try:
-        return current_root_task()
-    except RuntimeError:
-        return None
 
 
 class Graph(GraphCore):
@@ -151,7 +143,11 @@ class Graph(GraphCore):
             ValueError: if a dependency belongs to another graph.
             RuntimeError: if the graph is not open, or is used from another trio run.
         """
-        if self._phase != _OPEN or _root_task() is not self._root:
+        try:
+            refused = self._phase != _OPEN or current_root_task() is not self._root
+        except RuntimeError:  # not in a trio run at all
+            refused = True
+        if refused:
             self._refuse()
         if not isinstance(batcher, Batcher):
             raise TypeError(f"batcher must be a mcs.Batcher, got {batcher!r}")
@@ -174,13 +170,17 @@ class Graph(GraphCore):
     ) -> Node[T]:
         """A node that calls the sync function ``fn`` with its arguments' values.
 
-        It costs no task: ``fn`` runs synchronously, in the request's ``contextvars`` context as
-        of graph entry, the moment its last dependency resolves, *in the task that resolved
-        it*: a batcher's batch task when that dependency is a call (the rest of that batch's
-        callers, in every request, get their results only once ``fn`` returns, and the batcher
-        finishes that batch no sooner), a spawned node's task, or the request task itself
-        (inside ``apply`` when no dependency is pending, or in ``await`` of another node).
-        Keep it quick and non-blocking; use :meth:`spawn` for anything slow or that awaits.
+        It costs no task: ``fn`` runs synchronously the moment its last dependency resolves,
+        *in the task that resolved it*, and blocks that task until it returns:
+
+        - a batcher's batch task, when that dependency is a call: the rest of that batch's
+          callers, in every request, get their results only once ``fn`` returns (and so do
+          the applies that wait on them), and the batch task ends no sooner;
+        - a spawned node's task, when that dependency is a spawned node;
+        - the request task itself, inside ``apply`` when no dependency is pending.
+
+        Wherever it runs, it runs in the request task's ``contextvars`` context. Keep it quick
+        and non-blocking; use :meth:`spawn` for anything slow or that awaits.
 
         Raises:
             TypeError: if ``fn`` is an async function or not callable, or ``after`` holds a
@@ -188,7 +188,11 @@ class Graph(GraphCore):
             ValueError: if a dependency belongs to another graph.
             RuntimeError: if the graph is not open, or is used from another trio run.
         """
-        if self._phase != _OPEN or _root_task() is not self._root:
+        try:
+            refused = self._phase != _OPEN or current_root_task() is not self._root
+        except RuntimeError:  # not in a trio run at all
+            refused = True
+        if refused:
             self._refuse()
         if _is_async_function(fn) or not callable(fn):
             raise TypeError(f"apply needs a sync function (use spawn for async ones), got {fn!r}")
@@ -211,17 +215,21 @@ class Graph(GraphCore):
         """A node that runs ``await async_fn(*args, **kwargs)`` as a task of the graph.
 
         The task starts once its dependencies resolved, in a nursery owned by the graph that
-        lives in the request's task tree (see ``_spawn.py``). It runs in the request's
-        ``contextvars`` context as of graph entry, under the request's deadline as of graph
-        entry (or the graph's ``timeout``, if sooner), and is cancelled if the graph fails or
-        the request is cancelled.
+        lives in the request's task tree (see ``_spawn.py``). It runs in a copy of the request
+        task's ``contextvars`` context, under the request's deadline (that of the scopes around
+        the block, which includes the graph's ``timeout``), and is cancelled if the graph fails
+        or the request is cancelled.
 
         Raises:
             TypeError: if ``async_fn`` is not an async function, or ``after`` holds a non-node.
             ValueError: if a dependency belongs to another graph.
             RuntimeError: if the graph is not open, or is used from another trio run.
         """
-        if self._phase != _OPEN or _root_task() is not self._root:
+        try:
+            refused = self._phase != _OPEN or current_root_task() is not self._root
+        except RuntimeError:  # not in a trio run at all
+            refused = True
+        if refused:
             self._refuse()
         if not _is_async_function(async_fn):
             raise TypeError(f"spawn needs an async function, got {async_fn!r}")
@@ -247,14 +255,17 @@ class Graph(GraphCore):
         if self._phase != _NEW:
             raise RuntimeError(f"graph {self.name!r} was already entered; open a new one")
         self._phase = _OPEN
-        self._task = current_task()
+        self._task = task = current_task()
         self._root = current_root_task()
-        self._context = contextvars.copy_context()
         self.start = trio.current_time()
         if self._timeout is not None:
             self._scope = trio.CancelScope(deadline=self.start + self._timeout)
             self._scope.__enter__()
-        self._deadline = trio.current_effective_deadline()
+        # What spawned nodes will need, kept for later at the cost of a reference: the cancel
+        # status of the scopes around the block. Its effective deadline is the request's
+        # deadline; computing it costs a walk up every enclosing scope (microseconds under a
+        # server's nurseries), so only a graph that spawns does it (see _spawn.py).
+        self._entry_status = task._cancel_status
         return self
 
     @enable_ki_protection

@@ -14,7 +14,6 @@ an older node, so a finished graph is freed by reference counting.
 
 from __future__ import annotations
 
-import contextvars
 import enum
 import math
 from collections.abc import Iterable
@@ -22,7 +21,7 @@ from types import TracebackType
 from typing import Any, Final
 
 import trio
-from trio.lowlevel import Task, enable_ki_protection
+from trio.lowlevel import Task, current_task, enable_ki_protection
 
 from ._node import (
     _CANCELLED,
@@ -60,8 +59,8 @@ class GraphCore:
 
     __slots__ = (
         "_closing",
-        "_context",
         "_deadline",
+        "_entry_status",
         "_error",
         "_error_tb",
         "_exit_waiter",
@@ -101,8 +100,8 @@ class GraphCore:
         # Captured at entry: the request task, its run, context and deadline.
         self._task: Task | None = None
         self._root: Task | None = None
-        self._context: contextvars.Context | None = None
-        self._deadline = math.inf
+        self._entry_status: Any = None
+        self._deadline = math.inf  # the request's, computed by the first spawn
         self.start = math.nan
 
     def _append(self, node: Node[Any]) -> None:
@@ -213,20 +212,20 @@ class GraphCore:
         node._node_state = _RUNNING
         node.start = now
         args = [_substitute(arg) for arg in node._args]
-        context = self._context
-        assert context is not None
+        kwargs = {k: _substitute(v) for k, v in node._kwargs.items()} if node._kwargs else {}
+        task = self._task
+        assert task is not None
         try:
-            if node._kwargs:
-                kwargs = {k: _substitute(v) for k, v in node._kwargs.items()}
-                value = context.run(node._fn, *args, **kwargs)
-            else:
-                value = context.run(node._fn, *args)
+            if current_task() is task:  # the request task: in its own context already
+                value = node._fn(*args, **kwargs)
+            else:  # another task: run in the request's context, as the request would
+                value = task.context.run(node._fn, *args, **kwargs)
         except BaseException as exc:  # it runs on someone else's task: never let it escape
             self._fail(node, exc, original_traceback(exc), now)
         else:
             self._resolve(node, value, now)
         finally:
-            del self, node, args, context
+            del self, node, args, kwargs, task
 
     def _resolve(self, node: Node[Any], value: Any, now: float) -> None:
         node._value = value
@@ -348,7 +347,7 @@ class GraphCore:
 
     def _close(self) -> None:
         self._phase = _CLOSED
-        self._task = self._context = None
+        self._task = None
         node = self._last
         while node is not None:
             node._graph = None  # break node <-> graph cycles so the GC need not

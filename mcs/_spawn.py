@@ -15,15 +15,20 @@ as the request task runs. Only a request task with no parent nursery (trio's ini
 back to a system task.
 
 A sibling does not inherit the cancel scopes entered inside the request task, so the host's
-nursery carries the request's deadline itself: the effective deadline at graph entry, which
-includes the graph's ``timeout``. ``trio.current_effective_deadline()`` in a spawned node is
-that deadline. A deadline pushed back after entry does not reach spawned nodes: one cancelled by
-the entry deadline fails the graph with :exc:`trio.TooSlowError` (see ``Graph._interrupted``),
-so the block never ends quietly with a node cancelled. The graph's other cancellations (a
-failure, the request cancelled) cancel the host's nursery.
+nursery carries the request's deadline itself: the effective deadline of the cancel scopes
+around the block (the graph's ``timeout`` included, scopes inside the block not), read when the
+graph first spawns. ``trio.current_effective_deadline()`` in a spawned node is that deadline.
+Reading it walks every enclosing scope (over a microsecond under a server's nurseries), so the
+graph keeps only a reference to the request task's cancel status at entry (trio's
+``Task._cancel_status``, a private attribute: the one place mcs reads trio internals) and only a
+graph that spawns pays for the walk. A deadline pushed back after the first spawn does not reach
+spawned nodes: one cancelled by the old deadline fails the graph with :exc:`trio.TooSlowError`
+(see ``GraphCore._interrupted``), so the block never ends quietly with a node cancelled. The
+graph's other cancellations (a failure, the request cancelled) cancel the host's nursery.
 
-Every spawned node runs in the request's ``contextvars`` context as of graph entry: tasks are
-started inside ``context.run``, so trio copies that context, whichever task spawns them.
+Every spawned node runs in a copy of the request task's ``contextvars`` context, as a task
+started by the request would: tasks are started inside the request's ``context.run`` (or from
+the request task itself), so trio copies that context, whichever task spawns them.
 
 The host and spawned tasks catch every exception of the nodes (an error is the graph's, raised
 by the block), so nothing reaches the parent nursery but a cancellation of that nursery itself.
@@ -34,15 +39,18 @@ The host's life (:class:`HostPhase`)::
        |                                                                                  ^
        +-------------------------(cancelled from the parent nursery)----------------------+
 
-What it costs (measured on the dev machine, CPython 3.11, trio 0.35): a graph that spawns one
-node pays about 25 µs more than one whose node is an ``apply``: the host task, its nursery and
-the node's task; each further spawned node about 9 µs (one task). A graph that never spawns
-pays nothing for any of this but one ``current_effective_deadline()`` at entry (about 0.5 µs).
+What it costs (measured on the dev machine, CPython 3.11, trio 0.35, one request at a time): a
+graph with one spawned node takes about 45 µs against 9 µs for one with an ``apply`` node, so
+the first spawn costs about 36 µs (the host task, its nursery and deadline, the node's task);
+each further spawned node about 9 µs (one task). The system-task host this replaced cost about
+50 µs for the first spawn. A graph that never spawns pays nothing for any of this but keeping
+one reference at entry.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -82,15 +90,17 @@ class SpawnHost:
         self._task: Task | None = None  # set while the host is parked
         self.nursery: trio.Nursery | None = None
         self.phase = _STARTING
+        status = graph._entry_status
+        graph._deadline = status.effective_deadline() if status is not None else math.inf
         name = f"mcs.Graph({graph.name}).nursery"
         parent = graph._task.parent_nursery if graph._task is not None else None
-        context = graph._context
-        assert context is not None
         if parent is not None:
-            start_soon: Callable[..., None] = parent.start_soon
-            context.run(start_soon, self._host, name=name)
+            _in_request_context(graph, parent.start_soon, self._host, name=name)
         else:  # the init task: no tree to join
-            trio.lowlevel.spawn_system_task(self._host, name=name, context=context.copy())
+            assert graph._task is not None
+            trio.lowlevel.spawn_system_task(
+                self._host, name=name, context=graph._task.context.copy()
+            )
 
     def start(self, node: _SpawnNode[Any]) -> bool:
         """Start ``node``'s task, or queue it until the nursery is open; False if it cannot
@@ -103,9 +113,7 @@ class SpawnHost:
             return False
         graph = self._graph
         assert graph is not None
-        assert graph._context is not None
-        start_soon: Callable[..., None] = nursery.start_soon
-        graph._context.run(start_soon, _run_spawned, graph, node, name=node.name)
+        _in_request_context(graph, nursery.start_soon, _run_spawned, graph, node, name=node.name)
         return True
 
     def cancel(self) -> list[_SpawnNode[Any]]:
@@ -155,6 +163,18 @@ class SpawnHost:
             self._graph = None
             graph._host_done()
             del graph
+
+
+def _in_request_context(
+    graph: Graph, start_soon: Callable[..., None], *args: Any, name: str
+) -> None:
+    """``start_soon(*args)`` from the request's context, which trio copies into the task."""
+    task = graph._task
+    assert task is not None
+    if current_task() is task:
+        start_soon(*args, name=name)
+    else:
+        task.context.run(start_soon, *args, name=name)
 
 
 async def _run_spawned(graph: Graph, node: _SpawnNode[Any]) -> None:
