@@ -279,7 +279,7 @@ class Graph(GraphCore):
         try:
             if exc is None:
                 try:
-                    if self._unfinished or self._host is not None:
+                    if self._unfinished or self._host_running():
                         if not self._unfinished:
                             self._host.wake()  # type: ignore[union-attr]
                         # Park until the last node (or the host's end) wakes us. A
@@ -299,7 +299,10 @@ class Graph(GraphCore):
                 own = False  # the block's own exception: it propagates as it is
             if exc is not None and (self._unfinished or self._host_running()):
                 self._cancel_all(trio.current_time())
-                exc = await self._wait_shielded(exc)
+                latest = await self._wait_shielded(exc)
+                if latest is not exc:  # a KeyboardInterrupt while waiting: it wins
+                    exc, own = latest, True
+                del latest
             return self._finish(exc, own)
         finally:
             del self, exc, tb  # this frame is on the raised error's traceback
