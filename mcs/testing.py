@@ -1,4 +1,4 @@
-"""Property-testing helpers for code built on mcs (an optional extra: ``mcs[testing]``).
+"""Property-testing helpers for code built on mcs (an optional extra: ``trio-mcs[testing]``).
 
 This module imports hypothesis; core mcs never imports it. It offers four kinds of tools:
 
@@ -237,7 +237,8 @@ def graph_specs(
     """A hypothesis strategy for random :class:`GraphSpec` DAGs.
 
     Args:
-        min_nodes, max_nodes: how many nodes a spec has.
+        min_nodes: the fewest nodes a spec has.
+        max_nodes: the most nodes a spec has.
         kinds: the node kinds to draw from (shrinking prefers the first).
         batchers: how many batchers call nodes are spread over.
         delays: the delays to draw spawn and call delays from; quarters of a second (the
