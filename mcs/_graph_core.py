@@ -347,7 +347,7 @@ class GraphCore:
 
     def _close(self) -> None:
         self._phase = _CLOSED
-        self._task = None
+        self._task = self._entry_status = None
         node = self._last
         while node is not None:
             node._graph = None  # break node <-> graph cycles so the GC need not
