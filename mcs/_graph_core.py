@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Final
 
@@ -211,21 +211,24 @@ class GraphCore:
     def _run_apply(self, node: Node[Any], now: float) -> None:
         node._node_state = _RUNNING
         node.start = now
+        fn: Callable[..., Any] = node._fn
         args = [_substitute(arg) for arg in node._args]
-        kwargs = {k: _substitute(v) for k, v in node._kwargs.items()} if node._kwargs else {}
         task = self._task
         assert task is not None
+        if current_task() is not task:  # another task: run in the request's context, as the
+            args.insert(0, fn)  # request would (the request task is in it already)
+            fn = task.context.run
         try:
-            if current_task() is task:  # the request task: in its own context already
-                value = node._fn(*args, **kwargs)
-            else:  # another task: run in the request's context, as the request would
-                value = task.context.run(node._fn, *args, **kwargs)
+            if node._kwargs:
+                value = fn(*args, **{k: _substitute(v) for k, v in node._kwargs.items()})
+            else:
+                value = fn(*args)
         except BaseException as exc:  # it runs on someone else's task: never let it escape
             self._fail(node, exc, original_traceback(exc), now)
         else:
             self._resolve(node, value, now)
         finally:
-            del self, node, args, kwargs, task
+            del self, node, fn, args, task
 
     def _resolve(self, node: Node[Any], value: Any, now: float) -> None:
         node._value = value
