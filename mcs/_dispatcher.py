@@ -296,6 +296,7 @@ class _Dispatcher(Generic[K, V]):
         _CURRENT_BATCH.set(batch)  # this task's own context: seen by calls from batch_fn
         started = clock.current_time()
         scope = batch.scope
+        results: object = None
         try:
             if scope is None:
                 results = await self._batch_fn(items)
@@ -325,6 +326,10 @@ class _Dispatcher(Generic[K, V]):
         else:
             now = self._batch_done(batch, started)
             counts.callers_served += deliver_results(self.name, records, size, index, results, now)
+        finally:
+            # This frame outlives the task on the traceback of any error an apply function
+            # raised during delivery: it must not keep the records (see _split.py).
+            records = batch.records = items = results = None  # type: ignore[assignment]
 
     def _cut_short(self, batch: _Batch, records: list[_Request[K, V]], started: float) -> None:
         """batch_fn was cancelled: by ``batch_timeout``, or because all its callers left."""

@@ -47,6 +47,7 @@ A node's life is in ``_node.py``, the spawn host's in ``_spawn.py``.
 from __future__ import annotations
 
 import inspect
+import threading
 import types
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
@@ -56,13 +57,12 @@ import trio
 from trio.lowlevel import (
     Abort,
     RaiseCancelT,
-    current_root_task,
     current_task,
     enable_ki_protection,
 )
 
 from ._batcher import Batcher
-from ._graph_core import _CLOSED, _NEW, _OPEN, GraphCore, GraphPhase
+from ._graph_core import _CLOSED, _NEW, _OPEN, GraphCore, GraphPhase, _ShortExit
 from ._node import (
     _ERROR,
     Node,
@@ -143,11 +143,7 @@ class Graph(GraphCore):
             ValueError: if a dependency belongs to another graph.
             RuntimeError: if the graph is not open, or is used from another trio run.
         """
-        try:
-            refused = self._phase != _OPEN or current_root_task() is not self._root
-        except RuntimeError:  # not in a trio run at all
-            refused = True
-        if refused:
+        if self._phase != _OPEN or threading.get_ident() != self._thread:
             self._refuse()
         if not isinstance(batcher, Batcher):
             raise TypeError(f"batcher must be a mcs.Batcher, got {batcher!r}")
@@ -188,11 +184,7 @@ class Graph(GraphCore):
             ValueError: if a dependency belongs to another graph.
             RuntimeError: if the graph is not open, or is used from another trio run.
         """
-        try:
-            refused = self._phase != _OPEN or current_root_task() is not self._root
-        except RuntimeError:  # not in a trio run at all
-            refused = True
-        if refused:
+        if self._phase != _OPEN or threading.get_ident() != self._thread:
             self._refuse()
         if _is_async_function(fn) or not callable(fn):
             raise TypeError(f"apply needs a sync function (use spawn for async ones), got {fn!r}")
@@ -225,11 +217,7 @@ class Graph(GraphCore):
             ValueError: if a dependency belongs to another graph.
             RuntimeError: if the graph is not open, or is used from another trio run.
         """
-        try:
-            refused = self._phase != _OPEN or current_root_task() is not self._root
-        except RuntimeError:  # not in a trio run at all
-            refused = True
-        if refused:
+        if self._phase != _OPEN or threading.get_ident() != self._thread:
             self._refuse()
         if not _is_async_function(async_fn):
             raise TypeError(f"spawn needs an async function, got {async_fn!r}")
@@ -255,26 +243,42 @@ class Graph(GraphCore):
         if self._phase != _NEW:
             raise RuntimeError(f"graph {self.name!r} was already entered; open a new one")
         self._phase = _OPEN
-        self._task = task = current_task()
-        self._root = current_root_task()
+        self._task = current_task()
+        self._thread = threading.get_ident()
         self.start = trio.current_time()
+        # Spawned nodes run under the deadline of the scopes around the block, as of now.
+        # Reading it costs ~1.6 µs (a walk up every enclosing scope), too much for graphs that
+        # never spawn, so keep the task's cancel status for the first spawn to read (see
+        # _spawn.py); on a trio without that attribute, read the deadline now.
         if self._timeout is not None:
             self._scope = trio.CancelScope(deadline=self.start + self._timeout)
             self._scope.__enter__()
-        # What spawned nodes will need, kept for later at the cost of a reference: the cancel
-        # status of the scopes around the block. Its effective deadline is the request's
-        # deadline; computing it costs a walk up every enclosing scope (microseconds under a
-        # server's nurseries), so only a graph that spawns does it (see _spawn.py).
-        self._entry_status = task._cancel_status
+        if _READ_DEADLINE_LATER:
+            self._entry_status = self._task._cancel_status
+        else:
+            self._deadline = trio.current_effective_deadline()
         return self
 
     @enable_ki_protection
-    async def __aexit__(
+    def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> Awaitable[bool | None]:
+        if exc is None and self._unfinished and self._scope is None and self._host is None:
+            # The common case, with no coroutine of our own (a GC-tracked object per live
+            # request): park the request task directly. Whoever finishes the last node
+            # completes the exit (GraphCore._wake_exit); a cancellation is handed back to this
+            # task to carry out (_ShortExit).
+            self._closing = True
+            self._short_exit = short_exit = _ShortExit(self)
+            self._exit_waiter = current_task()
+            return park(short_exit)
+        return self._exit(exc)
+
+    @enable_ki_protection
+    async def _exit(self, exc: BaseException | None) -> bool:
         self._closing = True
         try:
             if exc is None:
@@ -305,7 +309,7 @@ class Graph(GraphCore):
                 del latest
             return self._finish(exc, own)
         finally:
-            del self, exc, tb  # this frame is on the raised error's traceback
+            del self, exc  # this frame is on the raised error's traceback
 
     async def _wait_shielded(self, exc: BaseException) -> BaseException:
         """Wait, shielded, for spawned tasks to unwind; a KeyboardInterrupt meanwhile wins."""
@@ -395,6 +399,11 @@ _NEVER_ASYNC: Final = (types.BuiltinFunctionType, types.MethodWrapperType, type)
 
 def _name_of(fn: object) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+# Trio's Task keeps the cancel status of the scopes it is in as ``_cancel_status``: private,
+# so its presence is checked once here and its absence costs only speed, never correctness.
+_READ_DEADLINE_LATER: Final = hasattr(trio.lowlevel.Task, "_cancel_status")
 
 
 def open_graph(*, timeout: float | None = None, name: str | None = None) -> Graph:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
+import outcome
 import trio
-from trio.lowlevel import Task, current_task, enable_ki_protection
+from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, enable_ki_protection
 
 from ._node import (
     _CANCELLED,
@@ -34,7 +35,7 @@ from ._node import (
     _SpawnNode,
     _substitute,
 )
-from ._park import original_traceback, wake
+from ._park import original_traceback, wake, wake_with, wake_with_error
 from ._spawn import _DONE as _HOST_DONE
 from ._spawn import SpawnHost
 
@@ -58,6 +59,7 @@ class GraphCore:
     """The state of a graph and the code that runs its nodes; see :class:`mcs.Graph`."""
 
     __slots__ = (
+        "_cancelled_all",
         "_closing",
         "_deadline",
         "_entry_status",
@@ -67,12 +69,14 @@ class GraphCore:
         "_host",
         "_last",
         "_phase",
+        "_raise_cancel",
         "_ready",
-        "_root",
         "_scope",
+        "_short_exit",
         "_starting",
         "_stopped",
         "_task",
+        "_thread",
         "_timeout",
         "_unfinished",
         "name",
@@ -97,11 +101,16 @@ class GraphCore:
         self._scope: trio.CancelScope | None = None
         self._host: SpawnHost | None = None
         self._closing = False  # the block's body is done: no more nodes from it
-        # Captured at entry: the request task, its run, context and deadline.
+        # Set while the request task is parked in the coroutine-free exit (see _graph.py).
+        self._short_exit: _ShortExit | None = None
+        self._raise_cancel: RaiseCancelT | None = None  # its cancellation, once aborted
+        self._cancelled_all = False
+        # Captured at entry: the request task (its context too) and the thread of its run.
         self._task: Task | None = None
-        self._root: Task | None = None
+        self._thread: int | None = None
+        # The request's deadline for spawned nodes, read by the first spawn (see _spawn.py).
+        self._deadline: float | None = None
         self._entry_status: Any = None
-        self._deadline = math.inf  # the request's, computed by the first spawn
         self.start = math.nan
 
     def _append(self, node: Node[Any]) -> None:
@@ -298,6 +307,7 @@ class GraphCore:
 
     def _cancel_all(self, now: float) -> None:
         self._stopped = True
+        self._cancelled_all = True
         for node in self._nodes():
             if node._node_state != _FINISHED:
                 self._cancel(node, now)
@@ -323,7 +333,7 @@ class GraphCore:
             # was cancelled. The request task usually sees the same cancellation and raises it;
             # if it does not (a deadline pushed back after entry), the block must still not end
             # quietly with a node cancelled.
-            if now >= self._deadline:
+            if self._deadline is not None and now >= self._deadline:
                 reason = f"graph {self.name!r} passed the deadline it was entered with"
             else:
                 reason = f"graph {self.name!r} had its spawned nodes cancelled from outside"
@@ -344,9 +354,30 @@ class GraphCore:
     @enable_ki_protection
     def _wake_exit(self) -> None:
         task = self._exit_waiter
-        if task is not None:
+        if task is None:
+            return
+        short_exit = self._short_exit
+        if short_exit is None:  # a waiter in __aexit__'s loop: it re-checks for itself
             self._exit_waiter = None
-            wake(task)  # it re-checks for itself
+            wake(task)
+            return
+        if self._unfinished or self._host_running():
+            return
+        # Completing the coroutine-free exit: the graph is finished, the block ends here.
+        self._exit_waiter = None
+        self._short_exit = short_exit.graph = None
+        error, tb = self._error, self._error_tb
+        self._close()
+        raise_cancel, self._raise_cancel = self._raise_cancel, None
+        try:
+            if raise_cancel is not None:  # cancelled while spawned tasks were unwinding
+                wake_with(task, outcome.capture(raise_cancel))
+            elif error is None:
+                wake(task)  # __aexit__ returns None: nothing to swallow
+            else:
+                wake_with_error(task, error, tb)
+        finally:
+            del error, tb, raise_cancel
 
     def _close(self) -> None:
         self._phase = _CLOSED
@@ -355,3 +386,77 @@ class GraphCore:
         while node is not None:
             node._graph = None  # break node <-> graph cycles so the GC need not
             node = node._previous
+
+
+class _ShortExit:
+    """The abort callback of a request task parked in the coroutine-free exit.
+
+    Not a bound method of the graph: trio's frame that parks the task keeps its abort callback,
+    and when the block raises the graph's error that frame is on the error's traceback, so a
+    callback holding the graph would make a cycle graph -> node -> error -> traceback -> frame
+    -> graph. This one lets go of the graph when the exit completes.
+    """
+
+    __slots__ = ("graph",)
+
+    def __init__(self, graph: GraphCore) -> None:
+        self.graph: GraphCore | None = graph
+
+    def __call__(self, raise_cancel: RaiseCancelT) -> Abort:
+        """The request task was cancelled in the exit. Only marks: the graph is cancelled by
+        the request task as it resumes (:class:`_CancelGraph`), or, if spawned tasks must unwind
+        first, by the spawn host's task, and the last one out raises the cancellation into the
+        request task."""
+        graph = self.graph
+        assert graph is not None
+        task = graph._exit_waiter
+        assert task is not None
+        graph._stopped = True  # nothing starts from now on
+        if graph._host is None:
+            graph._exit_waiter = None
+            graph._short_exit = self.graph = None
+            wake_with(task, _CancelGraph(graph, raise_cancel))
+        else:
+            graph._raise_cancel = raise_cancel
+            graph._host.wake()
+        return Abort.FAILED
+
+
+class _CancelGraph(outcome.Outcome[NoReturn]):
+    """What wakes a request task cancelled in the coroutine-free exit: as the task resumes,
+    cancel the graph (nothing is left to wait for: it never spawned), close it, and raise the
+    task's cancellation."""
+
+    __slots__ = ("_graph", "_raise_cancel")
+
+    def __init__(self, graph: GraphCore, raise_cancel: RaiseCancelT) -> None:
+        self._unwrapped = False
+        self._graph: GraphCore | None = graph
+        self._raise_cancel: RaiseCancelT | None = raise_cancel
+
+    def unwrap(self) -> NoReturn:
+        self._set_unwrapped()
+        graph, raise_cancel = self._graph, self._raise_cancel
+        self._graph = self._raise_cancel = None
+        assert graph is not None
+        assert raise_cancel is not None
+        graph._cancel_all(trio.current_time())
+        graph._close()
+        del graph, self
+        try:
+            raise_cancel()
+        finally:
+            del raise_cancel
+        raise AssertionError("raise_cancel returned")  # pragma: no cover
+
+    def send(self, gen: Generator[Any, NoReturn, object]) -> Any:
+        try:
+            self.unwrap()
+        except BaseException as exc:
+            return gen.throw(exc)
+
+    async def asend(self, agen: AsyncGenerator[Any, NoReturn]) -> Any:
+        try:
+            self.unwrap()
+        except BaseException as exc:
+            return await agen.athrow(exc)

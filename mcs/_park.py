@@ -41,7 +41,15 @@ from trio.lowlevel import (
     wait_task_rescheduled,
 )
 
-__all__ = ["Reraise", "original_traceback", "park", "reraise", "wake", "wake_with_error"]
+__all__ = [
+    "Reraise",
+    "original_traceback",
+    "park",
+    "reraise",
+    "wake",
+    "wake_with",
+    "wake_with_error",
+]
 
 
 def park(abort: Callable[[RaiseCancelT], Abort]) -> Awaitable[Any]:
@@ -56,6 +64,12 @@ def park(abort: Callable[[RaiseCancelT], Abort]) -> Awaitable[Any]:
 def wake(task: Task) -> None:
     """Resume a parked task; its ``await park(...)`` returns None."""
     reschedule(task)
+
+
+def wake_with(task: Task, next_send: outcome.Outcome[Any]) -> None:
+    """Resume a parked task with ``next_send``, whose ``unwrap`` runs in that task as it
+    resumes: the way an abort callback hands work to the task it could not abort."""
+    reschedule(task, next_send)
 
 
 def wake_with_error(task: Task, error: BaseException, tb: TracebackType | None) -> None:

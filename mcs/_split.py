@@ -6,6 +6,11 @@ whatever the items do when hashed or compared, every caller of the batch gets ex
 outcome, its own: a malformed result is a :exc:`mcs.BatchResultError` for the callers concerned,
 never a crash of the batcher's task, a hang, or someone else's result.
 
+Delivery runs user code (a graph's apply functions run when their call node's result arrives),
+and a traceback raised there keeps every frame below it alive, with the locals each frame had
+when it returned. So these functions clear their references to records before returning: a
+frame left holding a record would make a cycle record -> error -> traceback -> frame -> record.
+
 Nothing here reads the list that was passed to batch_fn (batch_fn may have sorted or filtered it
 in place): records keep their own items, and the count and dedupe positions are taken before the
 call.
@@ -60,6 +65,7 @@ def dedupe_items(
         if position == len(items):
             items.append(item)
         index.append(position)
+    batch = request = None  # type: ignore[assignment]
     return items, index, failed
 
 
@@ -74,6 +80,7 @@ def deliver_error(
             request.state = _FINISHED
             served += 1
             request._deliver_error(error, tb, now)
+    batch = request = error = tb = None  # type: ignore[assignment]
     return served
 
 
@@ -92,9 +99,13 @@ def deliver_results(
     (with dedupe). Never raises for anything batch_fn returned.
     """
     served = 0
+    request: _Request[K, V] | None = None
+    value: Any = None
     try:
         if isinstance(results, Mapping):
-            return _from_mapping(name, batch, results, now)
+            served = _from_mapping(name, batch, results, now)
+            batch = None  # type: ignore[assignment]
+            return served
         if not isinstance(results, Sequence) or isinstance(results, str | bytes):
             problem = f"must return a sequence or a mapping, got {type(results).__name__}"
         else:
@@ -112,17 +123,24 @@ def deliver_results(
                             request._deliver_error(value, original_traceback(value), now)
                         else:
                             request._deliver_value(value, now)
+                batch = None  # type: ignore[assignment]
                 return served
             else:
                 for request, position in zip(batch, index, strict=True):
                     if request.state == _IN_FLIGHT:
                         served += _settle(request, results[position], now)
+                batch = None  # type: ignore[assignment]
                 return served
         error = BatchResultError(f"batcher {name!r}: batch_fn {problem}")
     except Exception as exc:
         error = BatchResultError(f"batcher {name!r}: could not split batch_fn's result: {exc!r}")
         error.__cause__ = exc
-    return served + deliver_error(batch, error, None, now)
+    finally:
+        request = value = results = None
+    try:
+        return served + deliver_error(batch, error, None, now)
+    finally:
+        batch = error = None  # type: ignore[assignment]
 
 
 def _from_mapping(
@@ -142,6 +160,7 @@ def _from_mapping(
             )
             value.__cause__ = None if isinstance(exc, KeyError | TypeError) else exc
         served += _settle(request, value, now)
+    batch = request = value = results = None  # type: ignore[assignment]
     return served
 
 
@@ -151,4 +170,5 @@ def _settle(request: _Request[K, V], value: Any, now: float) -> int:
         request._deliver_error(value, original_traceback(value), now)
     else:
         request._deliver_value(value, now)
+    request = value = None  # type: ignore[assignment]
     return 1

@@ -169,7 +169,7 @@ async def _cyclic_garbage(run: Callable[[], Awaitable[None]]) -> list[str]:
     try:
         await run()
         gc.collect()
-        return [repr(obj)[:80] for obj in gc.garbage if _is_ours(obj)]
+        return [repr(obj)[:120] for obj in gc.garbage if _is_ours(obj)]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
@@ -474,3 +474,33 @@ async def test_a_graph_used_outside_any_run_is_refused() -> None:
             with pytest.raises(RuntimeError, match=WRONG_RUN):
                 await trio.to_thread.run_sync(g.apply, _times_two, 1)
     assert g.trace().nodes == ()
+
+
+@pytest.mark.parametrize("spawned", [False, True])
+async def test_a_request_cancelled_at_the_end_of_the_block_cancels_its_graph(
+    spawned: bool, autojump_clock: trio.testing.MockClock, mcs_tasks: Callable[[], list[str]]
+) -> None:
+    # The block ends with a call pending, so the request task parks without a coroutine of the
+    # graph's own; with `spawned`, a node spawned once the call returns (at 1.0) is running
+    # when the request is cancelled (at 2.0) and must unwind before the block ends.
+    async def slow(items: list[int]) -> list[int]:
+        await trio.sleep(1.0)
+        return items
+
+    async def sleepy(_: int) -> None:
+        await trio.sleep(10.0)
+
+    with trio.fail_after(100):
+        async with mcs.open_batcher(slow, name="slow") as batcher:
+            with trio.move_on_after(2.0 if spawned else 0.5) as scope:
+                async with mcs.open_graph() as g:
+                    first = g.call(batcher, 1)
+                    if spawned:
+                        g.spawn(sleepy, first, name="sleepy")
+            assert scope.cancelled_caught
+            assert trio.current_time() == (2.0 if spawned else 0.5)
+            outcomes = [n.outcome for n in g.trace().nodes]
+            assert outcomes == (["value", "cancelled"] if spawned else ["cancelled"])
+            assert [t for t in mcs_tasks() if "Graph" in t] == []  # nothing of the graph's left
+            statistics = batcher.statistics()
+            assert statistics.dropped == (0 if spawned else 1)
