@@ -17,6 +17,7 @@ demo: $(BIN)/python
 test: $(BIN)/python wrk
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	site=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet \
 		--site-dir "$$site"; status=$$?; rm -rf "$$site"; exit $$status

@@ -18,6 +18,7 @@ import mcs
 
 CALLS = 5_000
 
+
 async def double(items: list[int]) -> list[int]:
     await trio.lowlevel.checkpoint()
     return [2 * item for item in items]

@@ -379,9 +379,6 @@ class Graph(GraphCore):
         return GraphTrace(self.name, self.start, traces, _critical_path(traces))
 
 
-Graph.__module__ = "mcs"
-
-
 def _is_async_function(fn: object) -> bool:
     # Called for every apply and spawn: answer the common cases without inspect's slow path.
     code = getattr(fn, "__code__", None)

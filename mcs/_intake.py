@@ -76,9 +76,7 @@ class _Intake(Generic[K, V]):
             request.state = _WITHDRAWN
             self.queued -= 1
             self._dead += 1
-            if self.waiting_for_room or (
-                self._dead > _COMPACT_AFTER and self._dead > self.queued
-            ):
+            if self.waiting_for_room or (self._dead > _COMPACT_AFTER and self._dead > self.queued):
                 self.needs_upkeep = True
         else:
             assert request.state == _ROOM

@@ -260,9 +260,6 @@ class _SpawnNode(Node[T]):
     kind: NodeKind = "spawn"
 
 
-Node.__module__ = "mcs"
-
-
 def _outcome_name(node: Node[Any]) -> str:
     """``"pending"``, ``"running"``, or the outcome of a finished node, for traces and reprs."""
     state = node._node_state

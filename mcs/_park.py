@@ -138,4 +138,3 @@ class Reraise(outcome.Outcome[NoReturn]):
         error, self._error = self._error, None
         assert error is not None
         return await agen.athrow(error.with_traceback(self._tb))
-

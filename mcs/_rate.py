@@ -79,9 +79,6 @@ class RateLimit:
         _interval(self.per, self.count)
 
 
-RateLimit.__module__ = "mcs"
-
-
 class _Gcra:
     """The mutable state of one :class:`RateLimit`: the theoretical arrival time."""
 

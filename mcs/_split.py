@@ -70,9 +70,7 @@ def dedupe_items(
 
 
 @enable_ki_protection  # wakes many tasks: no KeyboardInterrupt halfway
-def deliver_error(
-    batch: list[_Request[K, V]], error: BaseException, tb: Any, now: float
-) -> int:
+def deliver_error(batch: list[_Request[K, V]], error: BaseException, tb: Any, now: float) -> int:
     """Give ``error`` to every record of ``batch`` still waiting; returns how many."""
     served = 0
     for request in batch:

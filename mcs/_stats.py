@@ -57,8 +57,6 @@ class Percentiles:
     max: float
 
 
-Percentiles.__module__ = "mcs"
-
 _NO_SAMPLES = Percentiles(0, 0.0, 0.0, 0.0, 0.0)
 
 
@@ -222,6 +220,3 @@ class BatcherStatistics:
     rate_limit_waits: int
     rate_limit_wait_time: float
     saturation: float
-
-
-BatcherStatistics.__module__ = "mcs"

@@ -87,9 +87,6 @@ class GraphTrace:
         return "\n".join(lines)
 
 
-NodeTrace.__module__ = GraphTrace.__module__ = "mcs"
-
-
 def _critical_path(traces: tuple[NodeTrace, ...]) -> tuple[NodeTrace, ...]:
     finished = [t for t in traces if not math.isnan(t.end)]
     if not finished:

@@ -17,9 +17,7 @@ from hypothesis import HealthCheck, settings
 import mcs
 
 # A shared CI machine can be slow to generate examples; that is not a failure of the code.
-settings.register_profile(
-    "ci", suppress_health_check=[HealthCheck.too_slow], print_blob=True
-)
+settings.register_profile("ci", suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 

@@ -305,8 +305,7 @@ async def test_a_sequence_that_raises_fails_its_batch_and_the_batcher_goes_on(
     for error in outcomes:
         assert isinstance(error, mcs.BatchResultError)
         assert str(error) == (
-            "batcher 'flaky': could not split batch_fn's result: "
-            "RuntimeError('no results today')"
+            "batcher 'flaky': could not split batch_fn's result: RuntimeError('no results today')"
         )
     assert mcs_tasks() == []
 
