@@ -72,7 +72,7 @@ from ._node import (
 )
 from ._park import park, reraise
 from ._trace import GraphTrace, NodeTrace, _critical_path
-from ._util import check_seconds
+from ._util import check_seconds, needs_trio
 
 __all__ = ["Graph", "GraphPhase", "Node", "open_graph"]
 
@@ -242,8 +242,11 @@ class Graph(GraphCore):
     async def __aenter__(self) -> Graph:
         if self._phase != _NEW:
             raise RuntimeError(f"graph {self.name!r} was already entered; open a new one")
+        try:
+            self._task = current_task()
+        except (RuntimeError, AttributeError):  # under asyncio, say
+            raise needs_trio("open_graph") from None
         self._phase = _OPEN
-        self._task = current_task()
         self._thread = threading.get_ident()
         self.start = trio.current_time()
         # Spawned nodes run under the deadline of the scopes around the block, as of now.

@@ -21,6 +21,7 @@ __all__ = [
     "describe",
     "is_async_callable",
     "nearest_rank",
+    "needs_trio",
     "public",
     "require_trio",
     "safe_repr",
@@ -134,7 +135,11 @@ def require_trio(what: str) -> None:
     try:
         trio.lowlevel.current_task()
     except (RuntimeError, AttributeError):
-        raise RuntimeError(
-            f"mcs.{what} needs Trio (or anyio with the trio backend): it was used outside "
-            "a trio run"
-        ) from None
+        raise needs_trio(what) from None
+
+
+def needs_trio(what: str) -> RuntimeError:
+    """The error for ``what`` used outside a Trio run."""
+    return RuntimeError(
+        f"mcs.{what} needs Trio (or anyio with the trio backend): it was used outside a trio run"
+    )

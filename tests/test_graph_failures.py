@@ -6,6 +6,7 @@ could hang on a bug is bounded by ``trio.fail_after``.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import enum
 import gc
@@ -504,3 +505,15 @@ async def test_a_request_cancelled_at_the_end_of_the_block_cancels_its_graph(
             assert [t for t in mcs_tasks() if "Graph" in t] == []  # nothing of the graph's left
             statistics = batcher.statistics()
             assert statistics.dropped == (0 if spawned else 1)
+
+
+def test_under_asyncio_open_graph_says_it_needs_trio() -> None:
+    async def main() -> None:
+        async with mcs.open_graph():
+            raise AssertionError("opened outside trio")
+
+    with pytest.raises(RuntimeError) as caught:
+        asyncio.run(main())
+    assert str(caught.value) == (
+        "mcs.open_graph needs Trio (or anyio with the trio backend): it was used outside a trio run"
+    )
