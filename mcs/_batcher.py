@@ -21,7 +21,7 @@ per *batch* to run batch_fn; ``_split.py`` hands the results back.
 Batches are cut after the scheduler pass. Before it takes a batch, the dispatcher yields once,
 so that every task that runs in the same scheduler pass as the call that woke it (callers
 started together, callers woken by the previous batch) gets its item into the same batch. That
-is one extra pass per batch, never per item.
+is at most one extra pass each time the dispatcher wakes, never one per item.
 
 Cancellation never disturbs other callers. Each caller owns its record: cancelled while queued,
 the record is marked withdrawn (removed lazily, so withdrawal is O(1)) and never reaches
@@ -38,9 +38,9 @@ by waking a task, which is how a batched graph node costs no task at all.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from threading import get_ident
 from typing import Generic, Literal, TypeAlias, TypeVar
 
 import trio
@@ -48,7 +48,7 @@ from trio.lowlevel import current_task, enable_ki_protection
 
 from ._counters import _Counters
 from ._dispatch import Step
-from ._dispatcher import _CURRENT_BATCH, _Dispatcher
+from ._dispatcher import _CURRENT_BATCH, _FOR_FILL, _FOR_ITEMS, _Dispatcher
 from ._exceptions import Overloaded
 from ._intake import _Intake
 from ._park import park
@@ -178,7 +178,7 @@ class Batcher(Generic[K, V]):
         intake = self._intake
         if (
             intake.closed
-            or threading.get_ident() != self._thread
+            or get_ident() != self._thread
             or (self._reject and intake.queued >= self._queue_size)
         ):
             await self._refuse()
@@ -239,7 +239,7 @@ class Batcher(Generic[K, V]):
             return RuntimeError(
                 f"batcher {self.name!r} is not open: use 'async with mcs.open_batcher(...)'"
             )
-        if threading.get_ident() != self._thread:
+        if get_ident() != self._thread:
             return RuntimeError(
                 f"batcher {self.name!r} belongs to another trio run: a batcher can only be "
                 "used from the run (and thread) that opened it"
@@ -251,7 +251,7 @@ class Batcher(Generic[K, V]):
     async def _refuse(self) -> None:
         refusal = self._refusal()  # decided now, raised after the checkpoint
         try:
-            if self._thread is None or threading.get_ident() == self._thread:
+            if self._thread is None or get_ident() == self._thread:
                 await trio.lowlevel.checkpoint()  # a cancelled caller is cancelled, not refused
             if isinstance(refusal, Overloaded):
                 self._counts.rejected += 1
@@ -268,7 +268,7 @@ class Batcher(Generic[K, V]):
         intake = self._intake
         if (
             intake.closed
-            or threading.get_ident() != self._thread
+            or get_ident() != self._thread
             or (self._reject and intake.queued >= self._queue_size)
         ):
             refusal = self._refusal()
@@ -279,7 +279,12 @@ class Batcher(Generic[K, V]):
             finally:
                 del refusal
         if intake.accept(request):
-            self._dispatcher.item_arrived()
+            dispatcher = self._dispatcher  # _Dispatcher.item_arrived, inlined: once per item
+            waiting_for = dispatcher.waiting_for
+            if waiting_for == _FOR_ITEMS or (
+                waiting_for == _FOR_FILL and intake.queued >= dispatcher.batch_cap
+            ):
+                dispatcher.wake()
 
     def _withdraw(self, request: _Request[K, V]) -> None:
         """The caller of ``request`` went away (cancelled): mark it, O(1). Called from abort
@@ -334,7 +339,7 @@ class Batcher(Generic[K, V]):
 
     def _start(self, nursery: trio.Nursery) -> None:
         self._clock = clock = trio.lowlevel.current_clock()
-        self._thread = threading.get_ident()
+        self._thread = get_ident()
         self._intake.closed = False
         self._counts.saturation = _Saturation(clock.current_time())
         self._dispatcher.start(nursery, clock)

@@ -6,10 +6,11 @@ waits for. Every event that can unblock it (an item arrives, a slot frees, a lim
 caller leaves) wakes it only when it is waiting for exactly that, so an idle or saturated
 batcher costs nothing per item.
 
-Before it takes a batch, the dispatcher yields one scheduler pass: the task that woke it may be
-the first of many that run in the same pass (callers started together, callers woken by the
-previous batch), and all of their items belong in the same batch. One extra pass per batch,
-never per item.
+Before it takes a batch, a dispatcher that was woken (or has just started) yields one scheduler
+pass: the task that woke it may be the first of many that run in the same pass (callers started
+together, callers woken by the previous batch), and all of their items belong in the same batch.
+Once settled, it starts every batch it may without yielding again. At most one extra pass per
+wake-up, never per item.
 
 Each batch runs in a task of its own, started in the batcher's nursery. Its batch_fn call runs
 in a cancel scope only when ``batch_timeout`` or ``cancel_abandoned`` needs one (one scope per
@@ -203,7 +204,7 @@ class _Dispatcher(Generic[K, V]):
     async def _loop(self) -> None:
         clock, intake, counts = self._clock, self.intake, self.counts
         assert clock is not None
-        settled = False  # a scheduler pass has gone by since this batch became ready
+        settled = False  # a scheduler pass has gone by since the dispatcher last woke
         rate_wait_started: float | None = None
         while True:
             if intake.needs_upkeep or self._abandoned:
@@ -225,7 +226,6 @@ class _Dispatcher(Generic[K, V]):
                     settled = True  # let every task of this scheduler pass add its items
                     await cancel_shielded_checkpoint()
                     continue
-                settled = False
                 if rate_wait_started is not None:
                     counts.rate_wait_time += now - rate_wait_started
                     rate_wait_started = None
@@ -238,6 +238,7 @@ class _Dispatcher(Generic[K, V]):
                 elif step == _FOR_RATE and rate_wait_started is None:
                     rate_wait_started = now  # one wait per batch, however often it re-waits
                     counts.rate_waits += 1
+                settled = False
                 await self._park(step, until)
 
     def _start_batch(self, now: float) -> None:

@@ -47,9 +47,9 @@ A node's life is in ``_node.py``, the spawn host's in ``_spawn.py``.
 from __future__ import annotations
 
 import inspect
-import threading
 import types
 from collections.abc import Awaitable, Callable, Iterable
+from threading import get_ident
 from types import TracebackType
 from typing import Any, Final, TypeVar, overload
 
@@ -143,7 +143,7 @@ class Graph(GraphCore):
             ValueError: if a dependency belongs to another graph.
             RuntimeError: if the graph is not open, or is used from another trio run.
         """
-        if self._phase != _OPEN or threading.get_ident() != self._thread:
+        if self._phase != _OPEN or get_ident() != self._thread:
             self._refuse()
         if not isinstance(batcher, Batcher):
             raise TypeError(f"batcher must be a mcs.Batcher, got {batcher!r}")
@@ -184,7 +184,7 @@ class Graph(GraphCore):
             ValueError: if a dependency belongs to another graph.
             RuntimeError: if the graph is not open, or is used from another trio run.
         """
-        if self._phase != _OPEN or threading.get_ident() != self._thread:
+        if self._phase != _OPEN or get_ident() != self._thread:
             self._refuse()
         if _is_async_function(fn) or not callable(fn):
             raise TypeError(f"apply needs a sync function (use spawn for async ones), got {fn!r}")
@@ -217,7 +217,7 @@ class Graph(GraphCore):
             ValueError: if a dependency belongs to another graph.
             RuntimeError: if the graph is not open, or is used from another trio run.
         """
-        if self._phase != _OPEN or threading.get_ident() != self._thread:
+        if self._phase != _OPEN or get_ident() != self._thread:
             self._refuse()
         if not _is_async_function(async_fn):
             raise TypeError(f"spawn needs an async function, got {async_fn!r}")
@@ -247,7 +247,7 @@ class Graph(GraphCore):
         except (RuntimeError, AttributeError):  # under asyncio, say
             raise needs_trio("open_graph") from None
         self._phase = _OPEN
-        self._thread = threading.get_ident()
+        self._thread = get_ident()
         self.start = trio.current_time()
         # Spawned nodes run under the deadline of the scopes around the block, as of now.
         # Reading it costs ~1.6 µs (a walk up every enclosing scope), too much for graphs that
