@@ -136,9 +136,11 @@ class Node(_Request[Any, Any], Generic[T]):
         self._previous: Node[Any] | None = None
         self._next_ready: Node[Any] | None = None
         self._waiters: list[Task | None] | None = None
-        self._value: T | None = None
-        self._error: BaseException | None = None
-        self._tb: TracebackType | None = None
+        # _value, _error and _tb are set when the node finishes, and read only then: left
+        # unset here, three stores fewer per node on the hot path.
+        self._value: T | None
+        self._error: BaseException | None
+        self._tb: TracebackType | None
         self.batch: object = None  # the batcher's
         self.start = math.nan
         self.end = math.nan
