@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import inspect
 import types
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from threading import get_ident
 from types import TracebackType
 from typing import Any, Final, TypeVar, overload
@@ -63,8 +63,11 @@ from trio.lowlevel import (
 
 from ._batcher import Batcher
 from ._graph_core import _CLOSED, _NEW, _OPEN, GraphCore, GraphPhase, _ShortExit
+from ._graph_many import _ManyNode
+from ._memo import NO_KEY, memo_add, memo_drop, memo_find, memo_key
 from ._node import (
     _ERROR,
+    _FINISHED,
     Node,
     _ApplyNode,
     _outcome_name,
@@ -84,19 +87,25 @@ V = TypeVar("V")
 class Graph(GraphCore):
     """A request's graph of nodes; made by :func:`mcs.open_graph`.
 
-    Inside the block, :meth:`call`, :meth:`apply` and :meth:`spawn` add nodes. A node whose
-    arguments include other nodes runs once those have resolved, with their values. The block
-    does not exit until every node is done.
+    Inside the block, :meth:`call`, :meth:`call_many`, :meth:`apply` and :meth:`spawn` add
+    nodes. A node whose arguments include other nodes runs once those have resolved, with their
+    values. The block does not exit until every node is done. The graph's memo (on unless
+    opened with ``memo=False``) makes a repeated call one node: see :meth:`call`,
+    :meth:`prime` and :meth:`forget`.
     """
 
     __slots__ = ()
 
-    def __init__(self, *, timeout: float | None = None, name: str | None = None) -> None:
+    def __init__(
+        self, *, timeout: float | None = None, name: str | None = None, memo: bool = True
+    ) -> None:
         if timeout is not None:
             timeout = check_seconds("timeout", timeout)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {name!r}")
-        super().__init__(timeout, name if name is not None else "graph")
+        if not isinstance(memo, bool):
+            raise TypeError(f"memo must be a bool, got {memo!r}")
+        super().__init__(timeout, name if name is not None else "graph", memo)
 
     def __repr__(self) -> str:
         phase = self._phase.name.lower()
@@ -137,6 +146,13 @@ class Graph(GraphCore):
 
         It costs no task: the node waits in the batcher's queue like any caller.
 
+        With the graph's memo on (the default), a plain item already called through
+        ``batcher`` in this graph gives the node of that first call, and nothing is sent again;
+        items match by the batcher's key function if it has one, else by equality. A call
+        whose item is a node, or that has ``after``, is neither looked up nor memoized, and
+        neither is an unhashable item. A memoized node that failed stays memoized: its failure
+        is the graph's anyway.
+
         Raises:
             TypeError: if ``batcher`` is not a :class:`mcs.Batcher`, or ``after`` holds a
                 non-node.
@@ -147,13 +163,132 @@ class Graph(GraphCore):
             self._refuse()
         if not isinstance(batcher, Batcher):
             raise TypeError(f"batcher must be a mcs.Batcher, got {batcher!r}")
-        node: Node[V] = Node(self, name or batcher.name, batcher, item, None)
-        if after or isinstance(item, Node) or self._stopped:
+        if after or isinstance(item, Node):
+            node: Node[V] = Node(self, name or batcher.name, batcher, item, None)
             self._add(node, after)
-        else:  # the common case, kept short: no dependencies
+            return node
+        # The common case, kept short: no dependencies.
+        key = memo_key(batcher, item) if self._memo_on else NO_KEY
+        if key is not NO_KEY:
+            found = memo_find(self, batcher, key)
+            if found is not None:
+                return found
+        node = Node(self, name or batcher.name, batcher, item, None)
+        if key is not NO_KEY:
+            memo_add(self, batcher, key, node)
+        if self._stopped:
+            self._add(node, after)
+        else:
             self._append(node)
             self._start_call(node, trio.current_time())
         return node
+
+    def call_many(
+        self,
+        batcher: Batcher[K, V],
+        keys: Iterable[K],
+        *,
+        name: str | None = None,
+        after: Iterable[Node[Any]] = (),
+    ) -> Node[list[V | BaseException]]:
+        """A node that sends every item of ``keys`` through ``batcher``, errors as values.
+
+        It resolves to a list aligned with ``keys``: each entry is that item's value, or, if
+        the item failed (its own error, its batch's, the batcher refusing it), the exception
+        object. A failing item is not a failure of the node or of the graph (DataLoader's
+        ``loadMany``); the graph's failure policy is unchanged for every other node.
+
+        ``keys`` is a collection of plain items, read once, here; none may be a node (to call
+        with items another node computes, make the call from an apply or a spawned node). It
+        costs no task: one request record per item in the batcher, like a call node, all
+        withdrawn if the graph is cancelled. With the memo on, an item already memoized in the
+        graph takes that node's value (it waits for that node if it is still running), and an
+        item repeated in ``keys`` is sent once; the items sent are not added to the memo.
+
+        Raises:
+            TypeError: if ``batcher`` is not a :class:`mcs.Batcher`, ``keys`` holds a node, or
+                ``after`` holds a non-node.
+            ValueError: if a dependency belongs to another graph.
+            RuntimeError: if the graph is not open, or is used from another trio run.
+        """
+        if self._phase != _OPEN or get_ident() != self._thread:
+            self._refuse()
+        if not isinstance(batcher, Batcher):
+            raise TypeError(f"batcher must be a mcs.Batcher, got {batcher!r}")
+        items = list(keys)
+        waits: list[Node[Any]] = []  # memoized nodes still running: the node waits for them
+        for index, item in enumerate(items):
+            if isinstance(item, Node):
+                raise TypeError(f"keys must hold plain items, got a node at index {index}")
+            if self._memo_on:
+                key = memo_key(batcher, item)
+                if key is not NO_KEY:
+                    found = memo_find(self, batcher, key)
+                    if found is not None and not found.done and found not in waits:
+                        waits.append(found)
+        node: Node[list[V | BaseException]] = _ManyNode(
+            self, name or f"{batcher.name}[{len(items)}]", batcher, (items, *waits), None
+        )
+        self._add(node, after)
+        return node
+
+    def prime(
+        self, batcher: Batcher[K, V], item: K, value: V, *, name: str | None = None
+    ) -> Node[V]:
+        """Seed the graph's memo: a node already resolved to ``value`` for ``item``.
+
+        Later calls of ``item`` through ``batcher`` in this graph give this node, and nothing
+        is sent. If ``item`` is memoized already, nothing changes and its node is returned (as
+        DataLoader's ``prime``; :meth:`forget` it first to replace it). ``value`` is the value
+        as it is, even if it is an exception object.
+
+        Raises:
+            TypeError: if ``batcher`` is not a :class:`mcs.Batcher`, or ``item`` is a node or
+                cannot be memoized (unhashable, or the batcher's key function fails on it).
+            RuntimeError: if the graph has no memo (``memo=False``), is not open, or is used
+                from another trio run.
+        """
+        if self._phase != _OPEN or get_ident() != self._thread:
+            self._refuse()
+        key = self._memo_key_of(batcher, item, "prime")
+        if key is NO_KEY:
+            raise TypeError(f"prime needs an item that can be memoized, got {item!r}")
+        found = memo_find(self, batcher, key)
+        if found is not None:
+            return found
+        node: Node[V] = Node(self, name or batcher.name, batcher, item, None)
+        node.item = item
+        node._value = value
+        node._node_state = _FINISHED
+        node.start = node.end = trio.current_time()
+        node._previous = self._last  # in the graph's nodes, never unfinished
+        self._last = node
+        memo_add(self, batcher, key, node)
+        return node
+
+    def forget(self, batcher: Batcher[K, V], item: K) -> bool:
+        """Drop ``item`` from the graph's memo, so that the next call of it sends it again.
+
+        Nodes made for it before keep their outcome. Returns whether ``item`` was memoized.
+
+        Raises:
+            TypeError: if ``batcher`` is not a :class:`mcs.Batcher`, or ``item`` is a node.
+            RuntimeError: if the graph has no memo (``memo=False``), is not open, or is used
+                from another trio run.
+        """
+        if self._phase != _OPEN or get_ident() != self._thread:
+            self._refuse()
+        key = self._memo_key_of(batcher, item, "forget")
+        return key is not NO_KEY and memo_drop(self, batcher, key)
+
+    def _memo_key_of(self, batcher: object, item: object, method: str) -> Hashable:
+        if not isinstance(batcher, Batcher):
+            raise TypeError(f"batcher must be a mcs.Batcher, got {batcher!r}")
+        if not self._memo_on:
+            raise RuntimeError(f"graph {self.name!r} has no memo: it was opened with memo=False")
+        if isinstance(item, Node):
+            raise TypeError(f"{method} needs a plain item, got node {item.name!r}")
+        return memo_key(batcher, item)
 
     def apply(
         self,
@@ -406,13 +541,18 @@ def _name_of(fn: object) -> str:
 _READ_DEADLINE_LATER: Final = hasattr(trio.lowlevel.Task, "_cancel_status")
 
 
-def open_graph(*, timeout: float | None = None, name: str | None = None) -> Graph:
+def open_graph(
+    *, timeout: float | None = None, name: str | None = None, memo: bool = True
+) -> Graph:
     """Open a graph for one request: ``async with mcs.open_graph() as g: ...``.
 
     Args:
         timeout: seconds the whole graph may take; past it, every unfinished node is cancelled
             and the block raises :exc:`trio.TooSlowError`. Enclosing deadlines apply too.
         name: a name for traces and errors.
+        memo: keep a memo for the request: a second call of an item through the same batcher
+            gives the first call's node, and sends nothing (see :meth:`Graph.call`). It lives
+            and dies with the graph. False sends every call.
 
     Returns:
         A :class:`Graph`, to be used once as an async context manager. The block raises the
@@ -420,6 +560,6 @@ def open_graph(*, timeout: float | None = None, name: str | None = None) -> Grap
         other nodes; see the module documentation for the full policy.
 
     Raises:
-        TypeError, ValueError: for a bad ``timeout`` or ``name``.
+        TypeError, ValueError: for a bad ``timeout``, ``name`` or ``memo``.
     """
-    return Graph(timeout=timeout, name=name)
+    return Graph(timeout=timeout, name=name, memo=memo)

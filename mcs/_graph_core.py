@@ -68,6 +68,10 @@ class GraphCore:
         "_exit_waiter",
         "_host",
         "_last",
+        "_last_memo",
+        "_memo",
+        "_memo_count",
+        "_memo_on",
         "_phase",
         "_raise_cancel",
         "_ready",
@@ -83,9 +87,14 @@ class GraphCore:
         "start",
     )
 
-    def __init__(self, timeout: float | None, name: str) -> None:
+    def __init__(self, timeout: float | None, name: str, memo: bool) -> None:
         self.name = name
         self._timeout = timeout
+        # The memo (see _memo.py): a chain of memoized nodes while there are few, then a dict.
+        self._memo_on = memo
+        self._memo: dict[object, dict[Any, Node[Any]]] | None = None
+        self._last_memo: Node[Any] | None = None
+        self._memo_count = 0
         self._phase = _NEW
         # The nodes, linked backwards through Node._previous: like dependencies, these links
         # only point at older nodes, so the nodes of a finished graph hold no reference cycle
@@ -200,6 +209,8 @@ class GraphCore:
                     self._start_call(node, now)
                 elif node.kind == "apply":
                     self._run_apply(node, now)
+                elif node.kind == "call_many":
+                    node._start(self, now)  # type: ignore[attr-defined]
                 else:
                     self._start_spawn(node, now)  # type: ignore[arg-type]
         finally:
@@ -297,6 +308,8 @@ class GraphCore:
                 return  # its task is cancelled with the graph's nursery
             if node.kind == "call":
                 node._fn._withdraw(node)
+            elif node.kind == "call_many":
+                node._withdraw_all()  # type: ignore[attr-defined]
         node._node_state = _FINISHED
         node._outcome = _CANCELLED
         node._error = self._error  # the reason, if any: what `await node` raises
@@ -382,6 +395,7 @@ class GraphCore:
     def _close(self) -> None:
         self._phase = _CLOSED
         self._task = self._entry_status = None
+        self._memo = self._last_memo = None  # the memo dies with the graph
         node = self._last
         while node is not None:
             node._graph = None  # break node <-> graph cycles so the GC need not

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Generator
+from collections.abc import Generator, Hashable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
@@ -75,7 +75,8 @@ _OUTCOME_NAMES: Final = ("value", "error", "cancelled")
 class Node(_Request[Any, Any], Generic[T]):
     """One unit of work in a graph; ``await node`` gives its value or raises its error.
 
-    Nodes are made by :meth:`Graph.call`, :meth:`Graph.apply` and :meth:`Graph.spawn`. Passing
+    Nodes are made by :meth:`Graph.call`, :meth:`Graph.call_many`, :meth:`Graph.apply`,
+    :meth:`Graph.spawn` and :meth:`Graph.prime`. Passing
     a node as an argument of another makes it a dependency.
 
     Attributes:
@@ -97,6 +98,8 @@ class Node(_Request[Any, Any], Generic[T]):
         "_fn",
         "_graph",
         "_kwargs",
+        "_memo_key",
+        "_memo_previous",
         "_next_ready",
         "_node_state",
         "_outcome",
@@ -137,10 +140,13 @@ class Node(_Request[Any, Any], Generic[T]):
         self._next_ready: Node[Any] | None = None
         self._waiters: list[Task | None] | None = None
         # _value, _error and _tb are set when the node finishes, and read only then: left
-        # unset here, three stores fewer per node on the hot path.
+        # unset here, three stores fewer per node on the hot path. Likewise _memo_key and
+        # _memo_previous, set and read only on memoized call nodes (see _memo.py).
         self._value: T | None
         self._error: BaseException | None
         self._tb: TracebackType | None
+        self._memo_key: Hashable
+        self._memo_previous: Node[Any] | None
         self.batch: object = None  # the batcher's
         self.start = math.nan
         self.end = math.nan

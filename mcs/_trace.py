@@ -13,7 +13,7 @@ import attrs
 
 __all__ = ["GraphTrace", "NodeKind", "NodeTrace"]
 
-NodeKind = Literal["call", "apply", "spawn"]
+NodeKind = Literal["call", "call_many", "apply", "spawn"]
 
 
 @attrs.frozen
@@ -23,7 +23,7 @@ class NodeTrace:
     Attributes:
         index: the node's position in creation order.
         name: the node's name.
-        kind: ``"call"``, ``"apply"`` or ``"spawn"``.
+        kind: ``"call"``, ``"call_many"``, ``"apply"`` or ``"spawn"``.
         deps: the indexes of the nodes it waited for.
         start: when it started on trio's clock (``nan`` if it never did).
         end: when it finished on trio's clock (``nan`` if it never did).
@@ -68,6 +68,8 @@ class GraphTrace:
         on_path = {n.index for n in self.critical_path}
         width = 30
         name_width = max((len(n.name) for n in self.nodes), default=4)
+        kind_width = max((len(n.kind) for n in self.nodes), default=5)
+        kind_width = max(kind_width, 5)
         lines = [f"graph {self.name!r}: {len(self.nodes)} nodes in {span * 1e3:.3f} ms"]
         for n in self.nodes:
             start = n.start - self.start
@@ -81,7 +83,7 @@ class GraphTrace:
             deps = ",".join(str(d) for d in n.deps) or "-"
             lines.append(
                 f"{'*' if n.index in on_path else ' '}{n.index:>4} {n.name:<{name_width}} "
-                f"{n.kind:<5} |{bar}| {start * 1e3:9.3f} -> {end * 1e3:9.3f} ms "
+                f"{n.kind:<{kind_width}} |{bar}| {start * 1e3:9.3f} -> {end * 1e3:9.3f} ms "
                 f"{n.outcome:<9} after {deps}"
             )
         return "\n".join(lines)
