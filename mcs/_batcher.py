@@ -38,7 +38,15 @@ by waking a task, which is how a batched graph node costs no task at all.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from threading import get_ident
 from typing import Generic, Literal, TypeAlias, TypeVar
@@ -49,14 +57,33 @@ from trio.lowlevel import current_task, enable_ki_protection
 from ._counters import _Counters
 from ._dispatch import Step
 from ._dispatcher import _CURRENT_BATCH, _FOR_FILL, _FOR_ITEMS, _Dispatcher
-from ._exceptions import Overloaded
+from ._exceptions import BatchResultError, Overloaded
 from ._intake import _Intake
+from ._many import _ManyCall, _ManyPart
 from ._park import park
 from ._rate import RateLimit, _Gcra
-from ._requests import _DROPPED, _IN_FLIGHT, _QUEUED, _ROOM, _Caller, _Request
+from ._requests import (
+    _DROPPED,
+    _FINISHED,
+    _IN_FLIGHT,
+    _JOINED,
+    _QUEUED,
+    _ROOM,
+    _WITHDRAWN,
+    _Caller,
+    _Request,
+)
+from ._shared import _Shared
 from ._split import deliver_error
 from ._stats import BatcherStatistics, _Saturation
-from ._util import check_int, check_seconds, describe, is_async_callable, require_trio
+from ._util import (
+    check_int,
+    check_seconds,
+    describe,
+    is_async_callable,
+    require_trio,
+    safe_repr,
+)
 
 __all__ = ["BatchFn", "Batcher", "open_batcher"]
 
@@ -85,11 +112,14 @@ class Batcher(Generic[K, V]):
         "__qualname__",
         "_clock",
         "_counts",
+        "_dedupe",
         "_dispatcher",
         "_intake",
+        "_key",
         "_queue_size",
         "_rate",
         "_reject",
+        "_shared",
         "_thread",
         "name",
     )
@@ -105,6 +135,7 @@ class Batcher(Generic[K, V]):
         queue_size: int | float = 10_000,
         overload: Literal["block", "reject"] = "block",
         dedupe: bool = False,
+        key: Callable[[K], Hashable] | None = None,
         batch_timeout: float | None = None,
         cancel_abandoned: bool = False,
         name: str | None = None,
@@ -122,6 +153,10 @@ class Batcher(Generic[K, V]):
             raise ValueError(f"overload must be 'block' or 'reject', got {overload!r}")
         if not isinstance(dedupe, bool):
             raise TypeError(f"dedupe must be a bool, got {dedupe!r}")
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a function or None, got {key!r}")
+        if key is not None and not dedupe:
+            raise ValueError("key needs dedupe=True, got dedupe=False")
         if batch_timeout is not None:
             batch_timeout = check_seconds("batch_timeout", batch_timeout, positive=True)
         if not isinstance(cancel_abandoned, bool):
@@ -140,6 +175,9 @@ class Batcher(Generic[K, V]):
         self._thread: int | None = None  # the thread of the trio run that owns the batcher
         self._intake: _Intake[K, V] = _Intake(queue_size)
         self._counts = _Counters()
+        self._dedupe = dedupe
+        self._key = key
+        self._shared: dict[Hashable, _Shared] = {}  # dedupe: items queued or in flight, by key
         # With an item-counted rate, one call may never carry more than the burst.
         counts_items = rate is not None and rate.unit == "item"
         self._dispatcher: _Dispatcher[K, V] = _Dispatcher(
@@ -152,7 +190,7 @@ class Batcher(Generic[K, V]):
             max_in_flight=max_in_flight,
             gcra=_Gcra(rate) if rate is not None else None,
             rate_counts_items=counts_items,
-            dedupe=dedupe,
+            shares=dedupe,
             batch_timeout=batch_timeout,
             cancel_abandoned=cancel_abandoned,
         )
@@ -185,10 +223,59 @@ class Batcher(Generic[K, V]):
         if _CURRENT_BATCH.get() is not None:
             return await self._call_from_batch(item)
         request: _Caller[K, V] = _Caller(self, item, current_task(), self._clock.current_time())  # type: ignore[union-attr]
-        if intake.accept(request):
+        if self._dedupe:
+            try:
+                self._enter_shared(request)
+            except BatchResultError:
+                await trio.lowlevel.checkpoint()
+                raise
+        elif intake.accept(request):
             self._dispatcher.item_arrived()
         await park(request.abort)
         return request.unwrap()
+
+    @enable_ki_protection
+    async def many(self, items: Iterable[K]) -> list[V | BaseException]:
+        """Send several items and return their results in order, a failing item's entry being
+        its exception (DataLoader's ``loadMany``): one item's failure fails nothing else.
+
+        The items are batched, shared (``dedupe``) and withdrawn like separate calls, and the
+        caller is woken once, when the last one is settled. With ``overload="reject"``, an item
+        that finds the queue full gets :exc:`mcs.Overloaded` as its entry.
+
+        Raises:
+            trio.ClosedResourceError: if the batcher is closed.
+            RuntimeError: if called from another trio run or thread than the batcher's.
+        """
+        items = list(items)
+        intake = self._intake
+        if intake.closed or get_ident() != self._thread:
+            await self._refuse()
+        call = _ManyCall(self, current_task(), len(items))
+        now = self._clock.current_time()  # type: ignore[union-attr]
+        for index, item in enumerate(items):
+            part = _ManyPart(call, index, item, now)
+            call.parts.append(part)
+            if self._reject and intake.queued >= self._queue_size:
+                part.state = _FINISHED
+                self._counts.rejected += 1
+                call.settle(index, self._refusal())
+                continue
+            try:
+                if self._dedupe:
+                    self._enter_shared(part)
+                elif intake.accept(part):
+                    self._dispatcher.item_arrived()
+            except BatchResultError as error:
+                part.state = _FINISHED
+                call.settle(index, error)
+                del error
+        if call.remaining:
+            await park(call.abort)
+        else:
+            await trio.lowlevel.checkpoint()
+        results, call.batcher = call.results, None
+        return results
 
     @property
     def max_in_flight(self) -> int:
@@ -278,7 +365,9 @@ class Batcher(Generic[K, V]):
                 raise refusal
             finally:
                 del refusal
-        if intake.accept(request):
+        if self._dedupe:
+            self._enter_shared(request)
+        elif intake.accept(request):
             dispatcher = self._dispatcher  # _Dispatcher.item_arrived, inlined: once per item
             waiting_for = dispatcher.waiting_for
             if waiting_for == _FOR_ITEMS or (
@@ -286,18 +375,62 @@ class Batcher(Generic[K, V]):
             ):
                 dispatcher.wake()
 
+    def _enter_shared(self, request: _Request[K, V]) -> None:
+        """dedupe: join the equal item already queued or in flight, or queue a new shared one.
+
+        Raises:
+            mcs.BatchResultError: if the item's key cannot be computed or compared.
+        """
+        item = request.item
+        try:
+            key = item if self._key is None else self._key(item)
+            shared = self._shared.get(key)
+        except TypeError:  # unhashable: it cannot be shared, and is sent on its own
+            queued: _Request[K, V] = request
+        except Exception as exc:
+            raise BatchResultError(
+                f"batcher {self.name!r}: dedupe could not compare item {safe_repr(item)}: {exc!r}"
+            ) from exc
+        else:
+            if shared is not None:
+                shared.join(request)
+                return
+            queued = _Shared(key, request, self._shared)
+        if self._intake.accept(queued):
+            self._dispatcher.item_arrived()
+
     def _withdraw(self, request: _Request[K, V]) -> None:
         """The caller of ``request`` went away (cancelled): mark it, O(1). Called from abort
         callbacks, so any work it implies is left to the dispatcher."""
         state = request.state
+        if state == _JOINED:  # dedupe: only this caller leaves its shared item
+            request.state = _WITHDRAWN
+            shared = request.batch
+            if shared.state == _IN_FLIGHT:
+                self._counts.dropped += 1
+                shared.dropped += 1
+            else:
+                self._counts.withdrawn += 1
+            shared.live -= 1
+            if shared.live == 0:  # the last caller left: so does the item
+                shared.forget()
+                self._let_go(shared)
+        elif state == _QUEUED or state == _ROOM:
+            self._counts.withdrawn += 1
+            self._let_go(request)
+        elif state == _IN_FLIGHT:
+            self._counts.dropped += 1
+            self._let_go(request)
+
+    def _let_go(self, request: _Request[K, V]) -> None:
+        """Take a record out of the intake, or drop it from its batch; counts nothing."""
+        state = request.state
         if state == _QUEUED or state == _ROOM:
             self._intake.withdraw(request)
-            self._counts.withdrawn += 1
             if self._intake.needs_upkeep or not self._intake.queued:
                 self._dispatcher.wake()  # upkeep to do, or nothing left to wait for
         elif state == _IN_FLIGHT:
             request.state = _DROPPED
-            self._counts.dropped += 1
             batch = request.batch
             if batch is not None:
                 batch.live -= 1
@@ -330,7 +463,9 @@ class Batcher(Generic[K, V]):
     @enable_ki_protection
     async def _call_plain(self, item: K) -> V:
         request: _Caller[K, V] = _Caller(self, item, current_task(), self._clock.current_time())  # type: ignore[union-attr]
-        if self._intake.accept(request):
+        if self._dedupe:
+            self._enter_shared(request)
+        elif self._intake.accept(request):
             self._dispatcher.item_arrived()
         await park(request.abort)
         return request.unwrap()
@@ -383,6 +518,7 @@ async def open_batcher(
     queue_size: int | float = 10_000,
     overload: Literal["block", "reject"] = "block",
     dedupe: bool = False,
+    key: Callable[[K], Hashable] | None = None,
     batch_timeout: float | None = None,
     cancel_abandoned: bool = False,
     name: str | None = None,
@@ -405,7 +541,13 @@ async def open_batcher(
         queue_size: how many accepted items may wait for a batch (``math.inf`` for no bound).
         overload: what a call does when the queue is full: ``"block"`` waits for room,
             ``"reject"`` raises :exc:`mcs.Overloaded` at once and queues nothing.
-        dedupe: send equal (hashable) items of one batch once and fan the result out.
+        dedupe: send an item equal to one already queued or in flight only once: the later
+            callers join it and get its result, and ``max_batch_size`` counts distinct items.
+            A caller that leaves withdraws only itself; the item goes when all its callers
+            have left. Unhashable items are sent on their own.
+        key: with ``dedupe``, a function from an item to the hashable key that decides which
+            items are equal (for dicts, lists, objects); a mapping result is then looked up by
+            that key. Default: the item itself.
         batch_timeout: seconds a batch_fn call may run; past it the call is cancelled, its slot
             freed, and its callers get :exc:`trio.TooSlowError`. None (the default): no bound.
         cancel_abandoned: cancel a running batch_fn call as soon as every one of its callers
@@ -433,6 +575,7 @@ async def open_batcher(
         queue_size=queue_size,
         overload=overload,
         dedupe=dedupe,
+        key=key,
         batch_timeout=batch_timeout,
         cancel_abandoned=cancel_abandoned,
         name=name,

@@ -41,7 +41,8 @@ from ._intake import _Intake
 from ._park import park, wake
 from ._rate import _Gcra
 from ._requests import _IN_FLIGHT, _Request
-from ._split import dedupe_items, deliver_error, deliver_results
+from ._shared import extra_callers
+from ._split import deliver_error, deliver_results
 
 __all__ = ["_CURRENT_BATCH", "_Batch", "_Dispatcher"]
 
@@ -92,7 +93,6 @@ class _Dispatcher(Generic[K, V]):
         "blocked",
         "cancel_abandoned",
         "counts",
-        "dedupe",
         "gcra",
         "in_flight",
         "intake",
@@ -100,6 +100,7 @@ class _Dispatcher(Generic[K, V]):
         "max_wait",
         "name",
         "rate_counts_items",
+        "shares",
         "waiting_for",
     )
 
@@ -115,7 +116,7 @@ class _Dispatcher(Generic[K, V]):
         max_in_flight: int,
         gcra: _Gcra | None,
         rate_counts_items: bool,
-        dedupe: bool,
+        shares: bool,
         batch_timeout: float | None,
         cancel_abandoned: bool,
     ) -> None:
@@ -128,7 +129,7 @@ class _Dispatcher(Generic[K, V]):
         self.max_in_flight = max_in_flight
         self.gcra = gcra
         self.rate_counts_items = rate_counts_items
-        self.dedupe = dedupe
+        self.shares = shares  # dedupe: records may be shared items with several callers
         self.batch_timeout = batch_timeout
         self.cancel_abandoned = cancel_abandoned
         self.in_flight = 0
@@ -274,17 +275,14 @@ class _Dispatcher(Generic[K, V]):
             # Callers who left between the dispatcher taking the batch and this task starting:
             # their items have not reached batch_fn, so they count as withdrawn, not dropped.
             live = [request for request in records if request.state == _IN_FLIGHT]
-            gone = len(records) - len(live)
+            gone = sum(
+                getattr(request, "dropped", 1) for request in records if request.state != _IN_FLIGHT
+            )
             counts.dropped -= gone
             counts.withdrawn += gone
             records = batch.records = live
             batch.live = len(live)
-        index: list[int] | None = None
-        if self.dedupe and records:
-            items, index, failed = dedupe_items(self.name, records, clock.current_time())
-            counts.callers_served += failed
-        else:
-            items = [request.item for request in records]
+        items = [request.item for request in records]
         if not items:  # nothing left to send: this was never a batch
             batch.running = False
             counts.batches -= 1
@@ -310,7 +308,8 @@ class _Dispatcher(Generic[K, V]):
         except Exception as exc:
             counts.failed_batches += 1
             now = self._batch_done(batch, started)
-            counts.callers_served += deliver_error(records, exc, exc.__traceback__, now)
+            served = deliver_error(records, exc, exc.__traceback__, now)
+            counts.callers_served += served + (extra_callers(records) if self.shares else 0)
         except BaseException as exc:
             # Cancelled (the batcher is shutting down) or KeyboardInterrupt: the callers must
             # not hang, and must not receive a Cancelled that is not theirs.
@@ -320,13 +319,15 @@ class _Dispatcher(Generic[K, V]):
             broken.__cause__ = exc
             try:
                 now = self._batch_done(batch, started)
-                counts.callers_served += deliver_error(records, broken, None, now)
+                served = deliver_error(records, broken, None, now)
+                counts.callers_served += served + (extra_callers(records) if self.shares else 0)
                 raise
             finally:
                 del broken, exc
         else:
             now = self._batch_done(batch, started)
-            counts.callers_served += deliver_results(self.name, records, size, index, results, now)
+            served = deliver_results(self.name, records, size, results, now)
+            counts.callers_served += served + (extra_callers(records) if self.shares else 0)
         finally:
             # This frame outlives the task on the traceback of any error an apply function
             # raised during delivery: it must not keep the records (see _split.py).
@@ -344,7 +345,8 @@ class _Dispatcher(Generic[K, V]):
             f"batcher {self.name!r}: batch_fn did not return within "
             f"batch_timeout={self.batch_timeout} s"
         )
-        self.counts.callers_served += deliver_error(records, error, None, now)
+        served = deliver_error(records, error, None, now)
+        self.counts.callers_served += served + (extra_callers(records) if self.shares else 0)
 
     def _batch_done(self, batch: _Batch, started: float) -> float:
         """Free the batch's slot; returns the time, which is also each result's time."""

@@ -12,9 +12,13 @@ The life of a record (:class:`RequestState`)::
       │            │                └───────────► DROPPED    (caller left; result discarded)
       └────────────┴────────────────────────────► WITHDRAWN  (caller left; never sent)
 
-ROOM is a caller waiting for room in a full queue (``overload="block"``). Only the batcher
-moves a record between states; the outcome (value or error) is kept beside the state, not in
-it.
+    JOINED ─────────────────────────────────────► FINISHED / WITHDRAWN (caller left)
+
+ROOM is a caller waiting for room in a full queue (``overload="block"``). JOINED is a caller
+whose item shares one downstream item with other callers' equal items (``dedupe=True``, see
+``_shared.py``): the shared item goes through the states above, its callers wait JOINED. Only
+the batcher moves a record between states; the outcome (value or error) is kept beside the
+state, not in it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class RequestState(enum.IntEnum):
     FINISHED = 3
     WITHDRAWN = 4
     DROPPED = 5
+    JOINED = 6
 
 
 # Aliases for the hot path: a module global costs the same as a bare int to compare.
@@ -52,6 +57,7 @@ _IN_FLIGHT: Final = RequestState.IN_FLIGHT
 _FINISHED: Final = RequestState.FINISHED
 _WITHDRAWN: Final = RequestState.WITHDRAWN
 _DROPPED: Final = RequestState.DROPPED
+_JOINED: Final = RequestState.JOINED
 
 
 class _Request(Generic[K, V]):

@@ -26,47 +26,13 @@ from trio.lowlevel import enable_ki_protection
 from ._exceptions import BatchResultError
 from ._park import original_traceback
 from ._requests import _FINISHED, _IN_FLIGHT, _Request
+from ._shared import _Shared
 from ._util import safe_repr
 
-__all__ = ["dedupe_items", "deliver_error", "deliver_results"]
+__all__ = ["deliver_error", "deliver_results"]
 
 K = TypeVar("K")
 V = TypeVar("V")
-
-
-@enable_ki_protection  # wakes many tasks: no KeyboardInterrupt halfway
-def dedupe_items(
-    name: str, batch: list[_Request[K, V]], now: float
-) -> tuple[list[K], list[int], int]:
-    """The distinct items of ``batch``, each record's position among them, and how many records
-    were failed here because their item could not be compared (its ``__hash__`` or ``__eq__``
-    raised). A failed record is finished and gets position -1.
-    """
-    items: list[K] = []
-    index: list[int] = []
-    seen: dict[Any, int] = {}
-    failed = 0
-    for request in batch:
-        item = request.item
-        try:
-            position = seen.setdefault(item, len(items))
-        except TypeError:  # unhashable: cannot be shared, send it on its own
-            position = len(items)
-        except Exception as exc:
-            error = BatchResultError(
-                f"batcher {name!r}: dedupe could not compare item {safe_repr(item)}: {exc!r}"
-            )
-            error.__cause__ = exc
-            request.state = _FINISHED
-            request._deliver_error(error, None, now)
-            index.append(-1)
-            failed += 1
-            continue
-        if position == len(items):
-            items.append(item)
-        index.append(position)
-    batch = request = None  # type: ignore[assignment]
-    return items, index, failed
 
 
 @enable_ki_protection  # wakes many tasks: no KeyboardInterrupt halfway
@@ -87,14 +53,13 @@ def deliver_results(
     name: str,
     batch: list[_Request[K, V]],
     size: int,
-    index: list[int] | None,
     results: object,
     now: float,
 ) -> int:
     """Give each waiting record of ``batch`` its own result; returns how many were served.
 
-    ``size`` is how many items batch_fn was given, ``index`` each record's position among them
-    (with dedupe). Never raises for anything batch_fn returned.
+    ``size`` is how many items batch_fn was given. Never raises for anything batch_fn
+    returned.
     """
     served = 0
     request: _Request[K, V] | None = None
@@ -112,7 +77,7 @@ def deliver_results(
             assert isinstance(results, list | tuple)
             if len(results) != size:
                 problem = f"returned {len(results)} results for {size} items"
-            elif index is None:  # the hot path
+            else:
                 for request, value in zip(batch, results, strict=True):
                     if request.state == _IN_FLIGHT:
                         request.state = _FINISHED
@@ -121,12 +86,6 @@ def deliver_results(
                             request._deliver_error(value, original_traceback(value), now)
                         else:
                             request._deliver_value(value, now)
-                batch = None  # type: ignore[assignment]
-                return served
-            else:
-                for request, position in zip(batch, index, strict=True):
-                    if request.state == _IN_FLIGHT:
-                        served += _settle(request, results[position], now)
                 batch = None  # type: ignore[assignment]
                 return served
         error = BatchResultError(f"batcher {name!r}: batch_fn {problem}")
@@ -149,7 +108,8 @@ def _from_mapping(
         if request.state != _IN_FLIGHT:
             continue
         try:
-            value = results[request.item]
+            # A shared item (dedupe) is looked up by its key, which key= may have computed.
+            value = results[request.key if type(request) is _Shared else request.item]
         except Exception as exc:
             value = BatchResultError(
                 f"batcher {name!r}: batch_fn's result has no entry for item "

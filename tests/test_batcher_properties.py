@@ -232,7 +232,14 @@ def check_outcomes(run: Replay, *, close_at: float, abort: bool) -> None:
         outcome = run.outcomes.get(key)
         assert outcome is not None, f"caller {key} ({call}) never finished"
         item = call.item
-        carried = [b for b in run.batches if item in b.items and b.started >= call.at]
+        # With dedupe a caller may also join its item while that item is in flight: any
+        # batch carrying it that was still running when the call came counts.
+        carried = [
+            b
+            for b in run.batches
+            if item in b.items
+            and (b.started >= call.at or (dedupe and (not b.completed or b.ended >= call.at)))
+        ]
 
         def delivered_by(batch: Batch, outcome: Outcome = outcome) -> bool:
             return (
@@ -274,7 +281,7 @@ def check_outcomes(run: Replay, *, close_at: float, abort: bool) -> None:
             assert error.number in down.failing_batches, where
             failed = run.batches[error.number]
             assert item in failed.items, where
-            assert failed.started >= call.at, where
+            assert failed in carried, where
             assert failed.completed, where
             assert failed.ended == outcome.at, where
             counts["served"] += 1
