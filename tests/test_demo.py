@@ -175,10 +175,32 @@ def test_batching_issues_far_fewer_queries(comparison: DemoSummary) -> None:
         assert 1 < stage.mean_batch_size <= stage.peak_batch_size <= 100
 
 
+def test_memo_and_dedupe_save_lookups(comparison: DemoSummary) -> None:
+    b, u = comparison.batched, comparison.unbatched
+    # unbatched: no memo, no dedupe, one query per id asked
+    assert (u.memo_hits, u.deduped) == (0, 0)
+    assert u.ids_sent == u.lookups == u.queries
+    # batched: a page's author who is its user, or appears twice, is answered by the memo; an
+    # id already queued or in flight for another request is joined rather than sent again
+    assert b.memo_hits > 0
+    assert b.deduped > 0
+    assert b.ids_sent == b.lookups - b.memo_hits - b.deduped
+    assert b.ids_sent == sum(b.batch_sizes.get(n, 0) * n for n in b.batch_sizes)
+    for stage in b.stages:
+        assert stage.ids_sent == stage.lookups - stage.memo_hits - stage.deduped
+        assert stage.memo_hits >= 0
+        assert stage.deduped >= 0
+    users, timelines, followers = b.stages
+    assert users.memo_hits > 0
+    assert timelines.memo_hits == followers.memo_hits == 0  # one lookup each per request
+
+
 def test_summary_to_dict_is_json(comparison: DemoSummary) -> None:
     data = json.loads(json.dumps(comparison.to_dict(), allow_nan=False))
     assert set(data) >= {"dataset", "batched", "unbatched", "speedup", "query_reduction"}
     assert "latencies" not in data["batched"]
+    assert {"memo_hits", "deduped", "ids_sent"} <= set(data["batched"])
+    assert {"memo_hits", "deduped", "ids_sent"} <= set(data["batched"]["stages"][0])
     assert data["batched"]["requests"] == data["unbatched"]["requests"] == 300
     assert data["dataset"]["users"] == USERS
 
@@ -243,7 +265,16 @@ def test_cli_json(tmp_path: Path) -> None:
 def test_cli_table(tmp_path: Path) -> None:
     result = run_cli("demo", *TINY, "--no-plot", "--db-rate", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for text in ("requests/s", "latency p99", "database queries", "mean batch size"):
+    for text in (
+        "requests/s",
+        "latency p99",
+        "database queries",
+        "mean batch size",
+        "ids asked for by requests",
+        "answered by the request's memo",
+        "joined a pending lookup (dedupe)",
+        "ids sent to the database",
+    ):
         assert text in result.stdout
     assert "fewer queries" in result.stdout
     assert "plot saved" not in result.stdout

@@ -154,6 +154,10 @@ def print_summary(console: Console, summary: DemoSummary, plot: Path | None) -> 
     row("requests/s", b.requests_per_second, u.requests_per_second, ",.0f", lower_is_better=False)
     row("latency p50 (ms)", b.latency_p50_ms, u.latency_p50_ms, ",.1f", lower_is_better=True)
     row("latency p99 (ms)", b.latency_p99_ms, u.latency_p99_ms, ",.1f", lower_is_better=True)
+    table.add_row("ids asked for by requests", f"{b.lookups:,}", f"{u.lookups:,}", "")
+    table.add_row("  answered by the request's memo", f"{b.memo_hits:,}", f"{u.memo_hits:,}", "")
+    table.add_row("  joined a pending lookup (dedupe)", f"{b.deduped:,}", f"{u.deduped:,}", "")
+    row("ids sent to the database", b.ids_sent, u.ids_sent, ",d", lower_is_better=True)
     row("database queries", b.queries, u.queries, ",d", lower_is_better=True)
     row(
         "queries per request",
@@ -172,6 +176,9 @@ def print_summary(console: Console, summary: DemoSummary, plot: Path | None) -> 
     stages = Table(title="per table", box=box.SIMPLE)
     stages.add_column("table")
     stages.add_column("lookups", justify="right")
+    stages.add_column("memo", justify="right", style="green")
+    stages.add_column("deduped", justify="right", style="green")
+    stages.add_column("ids sent", justify="right", style="green")
     stages.add_column("queries batched", justify="right", style="green")
     stages.add_column("mean batch", justify="right", style="green")
     stages.add_column("peak batch", justify="right", style="green")
@@ -180,6 +187,9 @@ def print_summary(console: Console, summary: DemoSummary, plot: Path | None) -> 
         stages.add_row(
             bs.name,
             f"{bs.lookups:,}",
+            f"{bs.memo_hits:,}",
+            f"{bs.deduped:,}",
+            f"{bs.ids_sent:,}",
             f"{bs.queries:,}",
             f"{bs.mean_batch_size:,.1f}",
             f"{bs.peak_batch_size:,}",

@@ -57,9 +57,13 @@ class StageSummary:
 
     Attributes:
         name: the stage.
-        lookups: ids asked for by requests.
+        lookups: ids asked for by the requests' code.
+        memo_hits: lookups answered by their request's memo (a repeat within one request).
+        deduped: lookups that joined the same id already queued or in flight for another
+            caller.
+        ids_sent: ids sent to the database: ``lookups - memo_hits - deduped``.
         queries: ``SELECT`` statements issued.
-        mean_batch_size: ids per query (after de-duplication within a batch).
+        mean_batch_size: ids per query (after the memo and de-duplication).
         peak_batch_size: the most ids in one query.
         rate_limit_waits: batches that waited for the rate limit.
         queue_wait_p99_ms: time from a lookup to its query starting, 99th percentile of the
@@ -68,6 +72,9 @@ class StageSummary:
 
     name: str
     lookups: int
+    memo_hits: int
+    deduped: int
+    ids_sent: int
     queries: int
     mean_batch_size: float
     peak_batch_size: int
@@ -91,6 +98,9 @@ class ModeSummary:
         requests_per_second: ``requests / seconds``.
         latency_p50_ms, latency_p99_ms, latency_max_ms: per-request latency.
         lookups: ids asked for, all stages.
+        memo_hits: lookups answered by their request's memo, all stages.
+        deduped: lookups that joined an id already queued or in flight, all stages.
+        ids_sent: ids sent to the database, all stages.
         queries: ``SELECT`` statements issued, all stages.
         queries_per_request: ``queries / requests``.
         mean_batch_size: ids per query, all stages.
@@ -112,6 +122,9 @@ class ModeSummary:
     latency_p99_ms: float
     latency_max_ms: float
     lookups: int
+    memo_hits: int
+    deduped: int
+    ids_sent: int
     queries: int
     queries_per_request: float
     mean_batch_size: float
@@ -278,7 +291,10 @@ async def _run_mode(
     stages = tuple(
         StageSummary(
             name=c.name,
-            lookups=s.callers_served,
+            lookups=c.asked,
+            memo_hits=c.asked - s.callers_served,
+            deduped=s.callers_served - s.items,
+            ids_sent=s.items,
             queries=c.queries,
             mean_batch_size=c.items / c.queries if c.queries else 0.0,
             peak_batch_size=s.peak_batch_size,
@@ -308,6 +324,9 @@ async def _run_mode(
         latency_p99_ms=nearest_rank(ordered, 0.99) * 1e3,
         latency_max_ms=(ordered[-1] if ordered else 0.0) * 1e3,
         lookups=sum(stage.lookups for stage in stages),
+        memo_hits=sum(stage.memo_hits for stage in stages),
+        deduped=sum(stage.deduped for stage in stages),
+        ids_sent=sum(stage.ids_sent for stage in stages),
         queries=queries,
         queries_per_request=queries / done if done else 0.0,
         mean_batch_size=items / queries if queries else 0.0,

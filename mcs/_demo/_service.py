@@ -9,12 +9,15 @@ A request for user ``u`` is a graph::
 ``user``, ``timeline`` and ``followers`` start at once; when the timeline arrives, one ``user``
 lookup per post loads its author; ``render`` runs when everything has resolved. Each lookup
 goes through a batcher (one per table) whose batch_fn runs one ``SELECT ... IN (...)`` in a
-worker thread, under an in-flight limit and a rate limit.
+worker thread, under an in-flight limit and a rate limit. Two things cut queries besides
+batching: the graph's memo (an author who is the user, or who appears twice on a page, is
+looked up once per request) and the batchers' ``dedupe`` (an id already queued or in flight for
+another request is joined, not sent again).
 
-With ``batching=False`` the very same graph and limits run with ``max_batch_size=1``: one query
-per lookup, each in its own worker-thread hop, which is what the service would do without mcs
-(``await trio.to_thread.run_sync(query, id)`` under a ``CapacityLimiter``), so the only
-difference between the two modes is batching.
+With ``batching=False`` the very same graph and limits run with ``max_batch_size=1``, no memo
+and no dedupe: one query per lookup, each in its own worker-thread hop, which is what the
+service would do without mcs (``await trio.to_thread.run_sync(query, id)`` under a
+``CapacityLimiter``).
 """
 
 from __future__ import annotations
@@ -54,12 +57,14 @@ class StageCounters:
 
     Attributes:
         name: the stage (``users``, ``timelines`` or ``followers``).
+        asked: ids the requests' code asked for (``g.call`` nodes), before the memo.
         queries: ``SELECT`` statements issued.
-        items: ids looked up (after de-duplication within a batch).
+        items: ids looked up (after de-duplication).
         batch_sizes: how many queries carried each number of ids.
     """
 
     name: str
+    asked: int = 0
     queries: int = 0
     items: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)
@@ -102,7 +107,8 @@ class Service:
 
     Attributes:
         users, timelines, followers: the batchers in front of the three tables.
-        counters: what each stage sent to the database.
+        counters: what each stage was asked for and sent to the database.
+        memo: whether each request's graph answers a repeated lookup from its memo.
     """
 
     def __init__(
@@ -111,20 +117,28 @@ class Service:
         timelines: mcs.Batcher[int, list[Post]],
         followers: mcs.Batcher[int, int],
         counters: list[StageCounters],
+        *,
+        memo: bool = True,
     ) -> None:
         self.users = users
         self.timelines = timelines
         self.followers = followers
         self.counters = counters
+        self.memo = memo
 
     async def profile(self, user_id: int) -> Profile:
         """Handle one request: the profile page of ``user_id``."""
-        async with mcs.open_graph(name="profile") as g:
+        users, timelines, followers = self.counters
+        async with mcs.open_graph(name="profile", memo=self.memo) as g:
             user = g.call(self.users, user_id, name="user")
             timeline = g.call(self.timelines, user_id, name="timeline")
-            followers = g.call(self.followers, user_id, name="followers")
+            followers_ = g.call(self.followers, user_id, name="followers")
+            # with the memo, an author who is the user or appears twice is one node, not a lookup
             authors = [g.call(self.users, post.author_id, name="author") for post in await timeline]
-            page = g.apply(render, user_id, user, timeline, followers, *authors, name="render")
+            page = g.apply(render, user_id, user, timeline, followers_, *authors, name="render")
+        users.asked += 1 + len(authors)
+        timelines.asked += 1
+        followers.asked += 1
         return page.result
 
     def statistics(self) -> list[mcs.BatcherStatistics]:
@@ -160,7 +174,8 @@ async def open_service(
 
     Each stage may run ``max_in_flight`` queries at once (so the pool has three times as many
     connections and worker threads), and ``rate`` limits each stage's queries. With
-    ``batching=False`` every stage sends one id per query.
+    ``batching=False`` every stage sends one id per query, with no dedupe and no memo: one query
+    per lookup the code asks for.
     """
     size = max_batch_size if batching else 1
     stages = 3
@@ -186,4 +201,4 @@ async def open_service(
                 )
                 for query, counter in zip(queries, counters, strict=True)
             ]
-            yield Service(batchers[0], batchers[1], batchers[2], counters)
+            yield Service(batchers[0], batchers[1], batchers[2], counters, memo=batching)
