@@ -8,13 +8,13 @@ into one batched call, splits the results back, and enforces rate and in-flight 
 from ._autoscale import autoscale as autoscale
 from ._batcher import Batcher as Batcher
 from ._batcher import BatchFn as BatchFn
-from ._batcher import open_batcher as open_batcher
 from ._exceptions import BatchResultError as BatchResultError
 from ._exceptions import MCSError as MCSError
 from ._exceptions import Overloaded as Overloaded
 from ._graph import Graph as Graph
 from ._graph import open_graph as open_graph
 from ._node import Node as Node
+from ._open_batcher import open_batcher as open_batcher
 from ._rate import RateLimit as RateLimit
 from ._stats import BatcherStatistics as BatcherStatistics
 from ._stats import Percentiles as Percentiles

@@ -8,8 +8,9 @@ A batcher sits in front of such a downstream, collects the items of all callers,
 This module is the batcher's public face and its intake of callers. The parts it is made of:
 ``_intake.py`` (the queues, no awaiting), ``_dispatch.py`` (when the next batch leaves, a plain
 function), ``_dispatcher.py`` (the task that starts batches and the tasks that run them),
-``_split.py`` (results back to callers), ``_counters.py`` (statistics) and ``_park.py`` (parking
-and waking tasks).
+``_split.py`` (results back to callers), ``_shared.py`` (dedupe across batches), ``_many.py``
+(``many``), ``_counters.py`` (statistics), ``_park.py`` (parking and waking tasks) and
+``_open_batcher.py`` (the block that owns a batcher's tasks).
 
 How, and what it costs. The obvious design (a memory channel in, a task and a ``trio.Event`` per
 caller out) pays a channel hand-off, an event and often a task per item. Here a call costs one
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import (
-    AsyncIterator,
     Awaitable,
     Callable,
     Hashable,
@@ -47,7 +47,6 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import asynccontextmanager
 from threading import get_ident
 from typing import Generic, Literal, TypeAlias, TypeVar
 
@@ -56,15 +55,14 @@ from trio.lowlevel import current_task, enable_ki_protection
 
 from ._counters import _Counters
 from ._dispatch import Step
-from ._dispatcher import _CURRENT_BATCH, _FOR_FILL, _FOR_ITEMS, _Dispatcher
+from ._dispatcher import _CURRENT_BATCH, _FOR_FILL, _FOR_ITEMS, _Dispatcher, call_from_batch
 from ._exceptions import BatchResultError, Overloaded
 from ._intake import _Intake
-from ._many import _ManyCall, _ManyPart
+from ._many import call_many
 from ._park import park
 from ._rate import RateLimit, _Gcra
 from ._requests import (
     _DROPPED,
-    _FINISHED,
     _IN_FLIGHT,
     _JOINED,
     _QUEUED,
@@ -81,11 +79,10 @@ from ._util import (
     check_seconds,
     describe,
     is_async_callable,
-    require_trio,
     safe_repr,
 )
 
-__all__ = ["BatchFn", "Batcher", "open_batcher"]
+__all__ = ["BatchFn", "Batcher"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -221,7 +218,7 @@ class Batcher(Generic[K, V]):
         ):
             await self._refuse()
         if _CURRENT_BATCH.get() is not None:
-            return await self._call_from_batch(item)
+            return await call_from_batch(self, item)
         request: _Caller[K, V] = _Caller(self, item, current_task(), self._clock.current_time())  # type: ignore[union-attr]
         if self._dedupe:
             try:
@@ -247,35 +244,7 @@ class Batcher(Generic[K, V]):
             trio.ClosedResourceError: if the batcher is closed.
             RuntimeError: if called from another trio run or thread than the batcher's.
         """
-        items = list(items)
-        intake = self._intake
-        if intake.closed or get_ident() != self._thread:
-            await self._refuse()
-        call = _ManyCall(self, current_task(), len(items))
-        now = self._clock.current_time()  # type: ignore[union-attr]
-        for index, item in enumerate(items):
-            part = _ManyPart(call, index, item, now)
-            call.parts.append(part)
-            if self._reject and intake.queued >= self._queue_size:
-                part.state = _FINISHED
-                self._counts.rejected += 1
-                call.settle(index, self._refusal())
-                continue
-            try:
-                if self._dedupe:
-                    self._enter_shared(part)
-                elif intake.accept(part):
-                    self._dispatcher.item_arrived()
-            except BatchResultError as error:
-                part.state = _FINISHED
-                call.settle(index, error)
-                del error
-        if call.remaining:
-            await park(call.abort)
-        else:
-            await trio.lowlevel.checkpoint()
-        results, call.batcher = call.results, None
-        return results
+        return await call_many(self, items)
 
     @property
     def max_in_flight(self) -> int:
@@ -437,38 +406,19 @@ class Batcher(Generic[K, V]):
                 if batch.live == 0:
                     self._dispatcher.abandon(batch)
 
-    async def _call_from_batch(self, item: K) -> V:
-        """A call made from inside a batch_fn: fine, unless every in-flight slot is held by a
-        batch waiting for such a call, which would wait forever."""
-        batch = _CURRENT_BATCH.get()
-        dispatcher = self._dispatcher
-        if batch is None or batch.dispatcher is not dispatcher or not batch.running:
-            return await self._call_plain(item)
-        if batch.nested_waits == 0:
-            dispatcher.blocked += 1
-        batch.nested_waits += 1
-        try:
-            if dispatcher.blocked >= dispatcher.in_flight >= dispatcher.max_in_flight:
-                raise RuntimeError(
-                    f"batcher {self.name!r}: batch_fn called its own batcher while all "
-                    f"{dispatcher.max_in_flight} in-flight slots are held by batches waiting "
-                    "for such calls; this would deadlock"
-                )
-            return await self._call_plain(item)
-        finally:
-            batch.nested_waits -= 1
-            if batch.nested_waits == 0:
-                dispatcher.blocked -= 1
-
     @enable_ki_protection
     async def _call_plain(self, item: K) -> V:
         request: _Caller[K, V] = _Caller(self, item, current_task(), self._clock.current_time())  # type: ignore[union-attr]
+        self._admit(request)
+        await park(request.abort)
+        return request.unwrap()
+
+    def _admit(self, request: _Request[K, V]) -> None:
+        """Queue ``request``, or with dedupe share it (raises as :meth:`_enter_shared`)."""
         if self._dedupe:
             self._enter_shared(request)
         elif self._intake.accept(request):
             self._dispatcher.item_arrived()
-        await park(request.abort)
-        return request.unwrap()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -505,117 +455,3 @@ class Batcher(Generic[K, V]):
         for request in requests:
             request.state = _IN_FLIGHT  # so that deliver_error settles it
         deliver_error(requests, error, None, self._clock.current_time())
-
-
-@asynccontextmanager
-async def open_batcher(
-    batch_fn: BatchFn[K, V],
-    *,
-    max_batch_size: int = 100,
-    max_wait: float = 0.0,
-    max_in_flight: int = 1,
-    rate: RateLimit | None = None,
-    queue_size: int | float = 10_000,
-    overload: Literal["block", "reject"] = "block",
-    dedupe: bool = False,
-    key: Callable[[K], Hashable] | None = None,
-    batch_timeout: float | None = None,
-    cancel_abandoned: bool = False,
-    name: str | None = None,
-) -> AsyncIterator[Batcher[K, V]]:
-    """Open a batcher in front of ``batch_fn`` for the duration of the block.
-
-    ``batch_fn`` is an async function that takes a ``list`` of items and returns either a
-    sequence of results aligned with them or a mapping from item to result. A result that is an
-    exception instance is raised to that item's caller alone; if batch_fn raises, every caller
-    of that batch gets the exception. batch_fn may sort or filter its list in place: the batcher
-    never reads it back.
-
-    Args:
-        batch_fn: the downstream call.
-        max_batch_size: the most items in one batch_fn call. 1 gives a plain worker pool.
-        max_wait: seconds a dispatcher may wait after the oldest queued item for a batch to
-            fill; 0 (the default) sends whatever is queued as soon as a slot is free.
-        max_in_flight: how many batch_fn calls may run at once; settable later on the batcher.
-        rate: a :class:`mcs.RateLimit` on batch_fn calls (or items), or None.
-        queue_size: how many accepted items may wait for a batch (``math.inf`` for no bound).
-        overload: what a call does when the queue is full: ``"block"`` waits for room,
-            ``"reject"`` raises :exc:`mcs.Overloaded` at once and queues nothing.
-        dedupe: send an item equal to one already queued or in flight only once: the later
-            callers join it and get its result, and ``max_batch_size`` counts distinct items.
-            A caller that leaves withdraws only itself; the item goes when all its callers
-            have left. Unhashable items are sent on their own.
-        key: with ``dedupe``, a function from an item to the hashable key that decides which
-            items are equal (for dicts, lists, objects); a mapping result is then looked up by
-            that key. Default: the item itself.
-        batch_timeout: seconds a batch_fn call may run; past it the call is cancelled, its slot
-            freed, and its callers get :exc:`trio.TooSlowError`. None (the default): no bound.
-        cancel_abandoned: cancel a running batch_fn call as soon as every one of its callers
-            has left. The default, False, lets it finish (safe for writes).
-        name: a name for statistics, reprs and errors; defaults to batch_fn's name.
-
-    The block owns the batcher's tasks. On normal exit, intake stops (later calls raise
-    :exc:`trio.ClosedResourceError`) and every accepted item is processed before the block
-    ends. If the block raises or is cancelled, every caller still waiting gets
-    :exc:`trio.BrokenResourceError` at once, running batches are cancelled, and the block's own
-    exception propagates unchanged. The batcher's tasks never raise batch_fn's errors (they
-    go to the callers); a KeyboardInterrupt or SystemExit out of batch_fn ends the block with
-    that exception itself, never wrapped in an exception group.
-
-    Raises:
-        TypeError, ValueError: at once, for a bad argument; the message names it.
-    """
-    require_trio("open_batcher")
-    batcher: Batcher[K, V] = Batcher(
-        batch_fn,
-        max_batch_size=max_batch_size,
-        max_wait=max_wait,
-        max_in_flight=max_in_flight,
-        rate=rate,
-        queue_size=queue_size,
-        overload=overload,
-        dedupe=dedupe,
-        key=key,
-        batch_timeout=batch_timeout,
-        cancel_abandoned=cancel_abandoned,
-        name=name,
-    )
-    body_error: BaseException | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            batcher._start(nursery)
-            try:
-                yield batcher
-            except BaseException as exc:
-                body_error = exc
-                batcher._abort()
-                nursery.cancel_scope.cancel()
-            else:
-                batcher._close_intake()
-    except BaseExceptionGroup as group:
-        # Only a KeyboardInterrupt or SystemExit out of batch_fn gets here (the batcher's tasks
-        # hand every other error to callers): raise it as it is, as documented.
-        _, rest = group.split(trio.Cancelled)
-        leaves = _leaves(rest) if rest is not None else []
-        if len(leaves) != 1:
-            raise
-        leaf = leaves[0]
-        try:
-            raise leaf from body_error
-        finally:
-            del leaf, leaves, rest, group, body_error
-    if body_error is not None:
-        try:
-            raise body_error
-        finally:
-            del body_error
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            leaves.extend(_leaves(exc))
-        else:
-            leaves.append(exc)
-    return leaves

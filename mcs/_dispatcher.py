@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextvars
 import math
-from typing import Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import trio
 from trio.lowlevel import (
@@ -44,7 +44,10 @@ from ._requests import _IN_FLIGHT, _Request
 from ._shared import extra_callers
 from ._split import deliver_error, deliver_results
 
-__all__ = ["_CURRENT_BATCH", "_Batch", "_Dispatcher"]
+if TYPE_CHECKING:
+    from ._batcher import Batcher
+
+__all__ = ["_CURRENT_BATCH", "_Batch", "_Dispatcher", "call_from_batch"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -366,3 +369,27 @@ class _Dispatcher(Generic[K, V]):
             self.counts.saturation.update(self.in_flight >= self.max_in_flight, now)
         if self.waiting_for == _FOR_SLOT:
             self.wake()
+
+
+async def call_from_batch(batcher: Batcher[K, V], item: K) -> V:
+    """A call made from inside a batch_fn: fine, unless every in-flight slot is held by a
+    batch waiting for such a call, which would wait forever."""
+    batch = _CURRENT_BATCH.get()
+    dispatcher = batcher._dispatcher
+    if batch is None or batch.dispatcher is not dispatcher or not batch.running:
+        return await batcher._call_plain(item)
+    if batch.nested_waits == 0:
+        dispatcher.blocked += 1
+    batch.nested_waits += 1
+    try:
+        if dispatcher.blocked >= dispatcher.in_flight >= dispatcher.max_in_flight:
+            raise RuntimeError(
+                f"batcher {batcher.name!r}: batch_fn called its own batcher while all "
+                f"{dispatcher.max_in_flight} in-flight slots are held by batches waiting "
+                "for such calls; this would deadlock"
+            )
+        return await batcher._call_plain(item)
+    finally:
+        batch.nested_waits -= 1
+        if batch.nested_waits == 0:
+            dispatcher.blocked -= 1

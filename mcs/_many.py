@@ -8,18 +8,25 @@ parks once, on :class:`_ManyCall`, and is woken when the last part is settled.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from threading import get_ident
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from trio.lowlevel import Abort, RaiseCancelT, Task
+import trio
+from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, enable_ki_protection
 
-from ._park import wake
+from ._exceptions import BatchResultError
+from ._park import park, wake
 from ._requests import _FINISHED, _QUEUED, _Request
 
 if TYPE_CHECKING:
     from ._batcher import Batcher
 
-__all__ = ["_ManyCall", "_ManyPart"]
+__all__ = ["_ManyCall", "_ManyPart", "call_many"]
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class _ManyCall:
@@ -70,3 +77,34 @@ class _ManyPart(_Request[Any, Any]):
 
     def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
         self.call.settle(self.index, error)
+
+
+@enable_ki_protection
+async def call_many(batcher: Batcher[K, V], items: Iterable[K]) -> list[V | BaseException]:
+    """:meth:`mcs.Batcher.many`: each item a record, the caller parked once for all of them."""
+    items = list(items)
+    intake = batcher._intake
+    if intake.closed or get_ident() != batcher._thread:
+        await batcher._refuse()
+    call = _ManyCall(batcher, current_task(), len(items))
+    now = batcher._clock.current_time()  # type: ignore[union-attr]
+    for index, item in enumerate(items):
+        part = _ManyPart(call, index, item, now)
+        call.parts.append(part)
+        if batcher._reject and intake.queued >= batcher._queue_size:
+            part.state = _FINISHED
+            batcher._counts.rejected += 1
+            call.settle(index, batcher._refusal())
+            continue
+        try:
+            batcher._admit(part)
+        except BatchResultError as error:
+            part.state = _FINISHED
+            call.settle(index, error)
+            del error
+    if call.remaining:
+        await park(call.abort)
+    else:
+        await trio.lowlevel.checkpoint()
+    results, call.batcher = call.results, None
+    return results

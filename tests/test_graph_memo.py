@@ -7,7 +7,6 @@ Where a case comes from a peer's suite, the comment names the peer test it ports
 from __future__ import annotations
 
 import gc
-import inspect
 import math
 import types
 from collections.abc import Awaitable, Callable
@@ -177,17 +176,16 @@ def test_a_key_function_decides_the_memo_key() -> None:
     assert memo_key(object(), [1, 2]) is NO_KEY  # unhashable
 
 
-@pytest.mark.skipif(
-    "key" not in inspect.signature(mcs.open_batcher).parameters,
-    reason="open_batcher has no key function",
-)
 async def test_a_batchers_key_function_decides_what_matches(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     recorder = _recorder(lambda item: item["id"])
     open_keyed: Any = mcs.open_batcher
     with trio.fail_after(10):
-        async with open_keyed(recorder, key=lambda item: item["id"]) as b, mcs.open_graph() as g:
+        async with (
+            open_keyed(recorder, dedupe=True, key=lambda item: item["id"]) as b,
+            mcs.open_graph() as g,
+        ):
             first = g.call(b, {"id": 1, "x": 1})
             assert g.call(b, {"id": 1, "x": 2}) is first
     assert first.result == 1
