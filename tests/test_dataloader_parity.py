@@ -332,6 +332,23 @@ async def test_does_not_prime_keys_that_already_exist() -> None:
     assert load.calls == [["B"]]
 
 
+async def test_priming_with_an_error_primes_a_value() -> None:
+    # JS 'Handles priming the cache with an error'; aiodataloader test_caches_failed_fetches_2 —
+    # a difference: DataLoader's load then rejects with the error; g.prime stores the value as
+    # it is, even an exception object (to fail a key, let batch_fn return its error)
+    calls: list[list[int]] = []
+
+    async def identity(keys: list[int]) -> list[object]:
+        calls.append(list(keys))
+        return list(keys)
+
+    error = LookupError("Error: 1")
+    async with mcs.open_batcher(identity, dedupe=True) as loader, mcs.open_graph() as g:
+        g.prime(loader, 1, error)
+        assert await g.call(loader, 1) is error
+    assert calls == []
+
+
 async def test_allows_forcefully_priming_the_cache() -> None:
     # JS 'allows forcefully priming the cache'; strawberry test_prime (force=True)
     load = IdLoader[str]()
