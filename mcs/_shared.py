@@ -75,18 +75,13 @@ class _Shared(_Request[Any, Any]):
             del self.table[self.key]
 
     def _deliver_value(self, value: Any, now: float) -> None:
-        self.forget()
-        callers, self.callers = self.callers, []
-        served = 0
-        for request in callers:
-            if request.state == _JOINED:
-                request.state = _FINISHED
-                served += 1
-                request._deliver_value(value, now)
-        self.served = served
-        callers = request = value = None  # type: ignore[assignment]
+        self._fan_out(False, value, None, now)
 
     def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
+        self._fan_out(True, error, tb, now)
+
+    def _fan_out(self, failed: bool, outcome: Any, tb: TracebackType | None, now: float) -> None:
+        """Give the item's value (or error) to every caller still waiting for it."""
         self.forget()
         callers, self.callers = self.callers, []
         served = 0
@@ -94,9 +89,12 @@ class _Shared(_Request[Any, Any]):
             if request.state == _JOINED:
                 request.state = _FINISHED
                 served += 1
-                request._deliver_error(error, tb, now)
+                if failed:
+                    request._deliver_error(outcome, tb, now)
+                else:
+                    request._deliver_value(outcome, now)
         self.served = served
-        callers = request = error = tb = None  # type: ignore[assignment]
+        callers = request = outcome = tb = None  # type: ignore[assignment]
 
 
 def extra_callers(records: list[_Request[Any, Any]]) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
-import gc
 import importlib
 import pkgutil
 import types
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from garbage import cyclic_garbage
 
 import mcs
 from mcs.testing import RecordingBatchFn
@@ -163,18 +163,7 @@ def _is_ours(obj: object) -> bool:
 
 
 async def _cyclic_garbage(run: Callable[[], Awaitable[None]]) -> list[str]:
-    """What running ``run`` leaves to the cyclic collector that is ours, described."""
-    gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        await run()
-        gc.collect()
-        return [repr(obj)[:120] for obj in gc.garbage if _is_ours(obj)]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
+    return await cyclic_garbage(run, _is_ours)
 
 
 @pytest.mark.parametrize(

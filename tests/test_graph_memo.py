@@ -6,7 +6,6 @@ Where a case comes from a peer's suite, the comment names the peer test it ports
 
 from __future__ import annotations
 
-import gc
 import math
 import types
 from collections.abc import Awaitable, Callable
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from garbage import cyclic_garbage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -461,17 +461,7 @@ def _is_ours(obj: object) -> bool:
 
 
 async def _cyclic_garbage(run: Callable[[], Awaitable[None]]) -> list[str]:
-    gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        await run()
-        gc.collect()
-        return [repr(obj)[:120] for obj in gc.garbage if _is_ours(obj)]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
+    return await cyclic_garbage(run, _is_ours)
 
 
 @pytest.mark.parametrize("how", ["value", "many", "failed", "cancelled"])
