@@ -227,7 +227,12 @@ class Batcher(Generic[K, V]):
                 await trio.lowlevel.checkpoint()
                 raise
         elif intake.accept(request):
-            self._dispatcher.item_arrived()
+            dispatcher = self._dispatcher  # _Dispatcher.item_arrived, inlined: once per item
+            waiting_for = dispatcher.waiting_for
+            if waiting_for == _FOR_ITEMS or (
+                waiting_for == _FOR_FILL and intake.queued >= dispatcher.batch_cap
+            ):
+                dispatcher.wake()
         await park(request.abort)
         return request.unwrap()
 
