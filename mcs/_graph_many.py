@@ -26,6 +26,7 @@ records when it finishes, so a finished graph holds no cycle.
 
 from __future__ import annotations
 
+import contextvars
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -155,3 +156,7 @@ class _KeyRecord(_Request[Any, Any]):
                 parent._entry(self, error, now)
             finally:
                 del parent, error, tb
+
+    def _request_contexts(self) -> list[contextvars.Context]:
+        parent = self.parent
+        return [] if parent is None else parent._request_contexts()

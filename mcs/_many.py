@@ -8,6 +8,7 @@ parks once, on :class:`_ManyCall`, and is woken when the last part is settled.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Iterable
 from threading import get_ident
 from types import TracebackType
@@ -77,6 +78,10 @@ class _ManyPart(_Request[Any, Any]):
 
     def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
         self.call.settle(self.index, error)
+
+    def _request_contexts(self) -> list[contextvars.Context]:
+        task = self.call.task
+        return [] if task is None else [task.context]
 
 
 @enable_ki_protection

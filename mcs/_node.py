@@ -24,6 +24,7 @@ nodes, never carries another caller's frames and never grows.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import math
 from collections.abc import Generator, Hashable
@@ -256,6 +257,11 @@ class Node(_Request[Any, Any], Generic[T]):
         graph = self._graph
         if graph is not None and self._node_state == _RUNNING:
             graph._fail(self, error, tb, now)
+
+    def _request_contexts(self) -> list[contextvars.Context]:
+        graph = self._graph  # a node belongs to the request task that opened its graph
+        task = None if graph is None else graph._task
+        return [] if task is None else [task.context]
 
 
 class _ApplyNode(Node[T]):

@@ -23,6 +23,7 @@ state, not in it.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
@@ -82,6 +83,11 @@ class _Request(Generic[K, V]):
     def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
         raise NotImplementedError
 
+    def _request_contexts(self) -> list[contextvars.Context]:
+        """The contexts of the requests still waiting for this item (tracing reads each
+        caller's span there). Not on the hot path: called only when something observes it."""
+        raise NotImplementedError
+
 
 class _Caller(_Request[K, V]):
     """A record for a task that called the batcher and is parked until its result arrives."""
@@ -109,6 +115,10 @@ class _Caller(_Request[K, V]):
         self.tb = tb
         task, self.task = self.task, None
         wake(task)  # type: ignore[arg-type]
+
+    def _request_contexts(self) -> list[contextvars.Context]:
+        task = self.task  # the caller itself, parked: its context is as it was at the call
+        return [] if task is None else [task.context]
 
     def abort(self, _: RaiseCancelT) -> Abort:
         # Only marks state: whatever the withdrawal implies is done by the batcher's task.

@@ -16,6 +16,7 @@ where ``cancel_abandoned`` may cancel its batch), and forgotten, so a later call
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Hashable
 from types import TracebackType
 from typing import Any
@@ -79,6 +80,9 @@ class _Shared(_Request[Any, Any]):
 
     def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
         self._fan_out(True, error, tb, now)
+
+    def _request_contexts(self) -> list[contextvars.Context]:
+        return [c for r in self.callers if r.state == _JOINED for c in r._request_contexts()]
 
     def _fan_out(self, failed: bool, outcome: Any, tb: TracebackType | None, now: float) -> None:
         """Give the item's value (or error) to every caller still waiting for it."""
