@@ -5,6 +5,7 @@ requests need the same downstream I/O, a batcher (:func:`open_batcher`) coalesce
 into one batched call, splits the results back, and enforces rate and in-flight limits.
 """
 
+from ._autoscale import AutoscaleDecision as AutoscaleDecision
 from ._autoscale import autoscale as autoscale
 from ._batcher import Batcher as Batcher
 from ._batcher import BatchFn as BatchFn
@@ -25,6 +26,7 @@ from ._util import public as _public
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AutoscaleDecision",
     "BatchFn",
     "BatchResultError",
     "Batcher",

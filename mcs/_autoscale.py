@@ -1,42 +1,292 @@
-"""Adaptive concurrency: scale a batcher's ``max_in_flight`` with measured saturation.
+"""Adaptive concurrency: move a batcher's ``max_in_flight`` to what the downstream can serve.
 
 The problem: the right number of concurrent downstream calls is a property of the downstream
-(its cores, its locks, its other clients), and it moves. Too few and batches queue behind idle
-capacity; too many and every call gets slower while throughput stays flat.
+(its workers, its locks, its other clients), and it moves. Too few and batches queue behind idle
+capacity; too many and calls wait inside the downstream: every call gets slower while
+throughput stays flat, and with batching it even drops, as smaller batches pay the per-call
+cost more often.
 
-The approach is Netflix's concurrency-limits "gradient" idea, reduced to what a batcher can
-measure for free: every ``interval`` it reads the batcher's counters and compares the mean
-batch_fn time over the interval with a slowly re-probed no-load baseline.
+The signal is the one TCP Vegas and Netflix's concurrency-limits use: the time of a call
+against its time at no load. Two things make it hard with a batcher, and both broke the first
+version of this module (it settled at 4-6x the right limit, and climbed to its ceiling under
+overload):
 
-- Grow (by ``sqrt(limit)``, at least 1) only while the slots are saturated (time spent in
-  batch_fn over the interval, divided by ``interval * limit``) and latency is within
-  ``tolerance`` of the baseline: a limit that is not being used says nothing about the
-  downstream, so it is never grown on that evidence.
-- Shrink in proportion (``limit * tolerance * baseline / rtt``, at most halving) when latency
-  inflates beyond the tolerance: the downstream is queueing internally.
-- Shrink by 10% when batch_fn calls fail: errors and timeouts are the "dropped" signal.
-- The baseline is the lowest recent mean time, allowed to drift up by 0.5% per interval so that a
-  downstream that became slower for good is re-learnt rather than fought.
+- **A batch's time grows with its size**, which is not queueing. So the no-load time is a
+  model of the size, ``base + per_item * n``, fitted to the lower envelope of what was seen:
+  the interval with the fastest mean call, and the one with the cheapest mean time per item.
+  A downstream that queues only ever adds time, so the lower envelope is the no-load line; a
+  line through those two points is exact for a linear downstream and close for most others.
+- **A no-load baseline that drifts up re-learns queueing as normal** (the "Gradient2 creep" of
+  concurrency-limits PR #134): the first version let it rise 0.5% per interval, and the limit
+  ratcheted to its ceiling. Here the envelope never rises on its own. It is re-learnt only where
+  that cannot be self-inflicted: at ``min_in_flight``, where the limit cannot go lower, calls
+  still slower than ``tolerance`` times the model mean the downstream itself got slower.
+
+Every ``interval`` it reads the batcher's counters (``statistics()``: batches ended, items,
+busy time, failures; O(1), whatever the load) and, over the calls that ended in the interval,
+compares their mean time with the model's time for their mean size. The excess, divided by the
+interval, is by Little's law the mean number of calls that waited inside the downstream; the
+rest is the concurrency the downstream actually served.
+
+- **Back off** by 10% in an interval with failed or timed-out calls (the "dropped" signal that
+  concurrency-limits #176 found ignored): errors and timeouts are overload too.
+- **Shrink** when calls take more than ``tolerance`` times the model: to the concurrency that
+  was served (at most halving), which is where the downstream stops queueing.
+- **Grow** only while the slots are in use (time in batch_fn over ``interval * limit`` at least
+  ``saturated_at``; a limit nobody uses says nothing about the downstream) and calls wait for
+  less than about one call's worth inside the downstream. From the start until the first
+  shrink or back-off it doubles (slow start, concurrency-limits #35: a limit far below the
+  right one is as costly as one far above); after that it adds 1 per interval.
+- Otherwise it holds.
 
 It runs as an ordinary task in the user's nursery and touches only the public
 ``statistics()`` and ``max_in_flight`` of the batcher; lowering the limit never cancels a
-running call.
+running call, and cancelling the task leaves the limit where it was. Each interval's reading
+and decision is an :class:`mcs.AutoscaleDecision`, handed to ``on_decision`` if given.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, Literal, NoReturn
 
+import attrs
 import trio
 
 from ._batcher import Batcher
+from ._counters import _Counters
+from ._stats import _busy_until
 from ._util import check_int, check_number, check_seconds
 
-__all__ = ["autoscale"]
+__all__ = ["AutoscaleDecision", "autoscale"]
 
-_BASELINE_DRIFT = 1.005
 _FAILURE_BACKOFF = 0.9
+_MAX_SHRINK = 0.5
+_SIZE_BIN = math.log(1.1)  # call sizes within 10% of each other share a point of the model
+
+Action = Literal["slow start", "grow", "hold", "shrink", "back off", "relearn", "idle"]
+
+
+@attrs.frozen
+class AutoscaleDecision:
+    """One interval of :func:`mcs.autoscale`: what it read and what it did.
+
+    Attributes:
+        at: when, on trio's clock.
+        action: ``"slow start"`` (doubled), ``"grow"`` (added 1), ``"hold"``, ``"shrink"``
+            (calls queued inside the downstream), ``"back off"`` (calls failed or timed out),
+            ``"relearn"`` (at ``min_in_flight`` calls were still slow: the no-load model was
+            reset to what was seen) or ``"idle"`` (no call ended: nothing to learn).
+        limit_before: ``max_in_flight`` before the decision.
+        limit: ``max_in_flight`` after it.
+        calls: batch_fn calls that ended in the interval.
+        mean_size: their mean number of items.
+        mean_time: their mean duration, in seconds.
+        expected_time: the no-load model's duration for ``mean_size`` items (nan before the
+            first call ended).
+        queueing: mean number of calls that waited inside the downstream over the interval
+            (their excess time over the model, divided by the interval).
+        base: the model's seconds per call.
+        per_item: the model's seconds per item.
+    """
+
+    at: float
+    action: Action
+    limit_before: int
+    limit: int
+    calls: int
+    mean_size: float
+    mean_time: float
+    expected_time: float
+    queueing: float
+    base: float
+    per_item: float
+
+
+@attrs.frozen
+class _Interval:
+    """What the counters say about one interval."""
+
+    seconds: float
+    calls: int  # batch_fn calls that ended
+    items: int  # items of the calls that ended
+    busy: float  # seconds spent in the calls that ended
+    failures: int  # calls that failed or timed out
+    saturated: float  # seconds during which every in-flight slot was taken
+
+
+@attrs.frozen
+class _Reading:
+    """The batcher's counters at one moment (a handful of attribute reads)."""
+
+    calls: int  # batch_fn calls that ended (started, less those still running)
+    items: int
+    busy: float
+    failures: int
+    saturated: float
+
+    @classmethod
+    def take(cls, counts: _Counters, in_flight: int, now: float) -> _Reading:
+        saturated = 0.0
+        if counts.saturation is not None:
+            stretches = tuple(counts.saturation._busy)
+            saturated = _busy_until(stretches, now) if stretches else counts.saturation._total
+        return cls(
+            counts.batches - in_flight,
+            counts.ended_items,
+            counts.busy_time,
+            counts.failed_batches,
+            saturated,
+        )
+
+    def since(self, before: _Reading, seconds: float) -> _Interval:
+        return _Interval(
+            seconds,
+            self.calls - before.calls,
+            self.items - before.items,
+            self.busy - before.busy,
+            self.failures - before.failures,
+            self.saturated - before.saturated,
+        )
+
+
+class _Envelope:
+    """The no-load time of a call by its size: the lower convex hull of what was seen.
+
+    Each interval gives one point, (mean size, mean time) of the calls that ended. Queueing only
+    ever adds time, so the no-load curve runs under every point: the model is the lower hull of
+    the points kept, extended beyond them by its end edges, and at a size it is the hull's edge
+    there, ``base + per_item * n``. A point is kept only if it lies below the model (or while
+    the model is a single point, with no slope yet): a point above it says nothing about the
+    no-load time, and keeping it would bend the hull up where no clean point was seen. Points
+    are kept per size bin (sizes within 10% of each other share one, the fastest), so the hull
+    has a few dozen points at most, whatever the load.
+    """
+
+    __slots__ = ("_fastest", "_hull")
+
+    def __init__(self) -> None:
+        self._fastest: dict[int, tuple[float, float]] = {}  # size bin -> (size, time)
+        self._hull: list[tuple[float, float]] = []
+
+    def observe(self, size: float, time: float) -> None:
+        if len(self._hull) > 1:
+            base, per_item = self.line(size)
+            if time >= base + per_item * size:
+                return
+        key = round(math.log(size) / _SIZE_BIN)
+        seen = self._fastest.get(key)
+        if seen is None or time < seen[1]:
+            self._fastest[key] = (size, time)
+            self._hull = _lower_hull(sorted(self._fastest.values()))
+
+    def reset(self, size: float, time: float) -> None:
+        self._fastest = {round(math.log(size) / _SIZE_BIN): (size, time)}
+        self._hull = [(size, time)]
+
+    def line(self, size: float) -> tuple[float, float]:
+        """(base, per_item) of the model at ``size``; (nan, nan) before anything was seen."""
+        hull = self._hull
+        if not hull:
+            return math.nan, math.nan
+        if len(hull) == 1:  # one size seen so far: no slope to tell
+            return hull[0][1], 0.0
+        edge = next((i for i in range(len(hull) - 2) if size <= hull[i + 1][0]), len(hull) - 2)
+        (n1, t1), (n2, t2) = hull[edge], hull[edge + 1]
+        per_item = (t2 - t1) / (n2 - n1)
+        base = t1 - per_item * n1
+        if base < 0:  # extrapolating to smaller calls than ever seen: never below zero
+            return 0.0, t1 / n1
+        return base, per_item
+
+
+def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The lower convex hull of ``points`` (sorted by size), from its fastest point on."""
+    hull: list[tuple[float, float]] = []
+    for n, t in points:
+        while len(hull) >= 2:
+            (n0, t0), (n1, t1) = hull[-2], hull[-1]
+            if (n1 - n0) * (t - t0) - (t1 - t0) * (n - n0) > 0:
+                break
+            hull.pop()
+        hull.append((n, t))
+    fastest = min(range(len(hull)), key=lambda i: hull[i][1])
+    return hull[fastest:]
+
+
+@attrs.define
+class _Controller:
+    """The decisions, as a plain function of the counters: testable without a scheduler."""
+
+    min_in_flight: int
+    max_in_flight: int
+    tolerance: float
+    saturated_at: float
+    limit: float
+    slow_start: bool = True
+    envelope: _Envelope = attrs.Factory(_Envelope)
+    shrank: bool = False  # the last interval shrank the limit
+
+    def decide(self, interval: _Interval, now: float) -> AutoscaleDecision:
+        before = round(self.limit)
+        calls = interval.calls
+        size = interval.items / calls if calls > 0 else math.nan
+        time = interval.busy / calls if calls > 0 else math.nan
+        expected = queueing = math.nan
+        action: Action
+        if interval.failures:
+            action = "back off"
+            self.slow_start = False
+            self.limit *= _FAILURE_BACKOFF
+        elif calls <= 0 or interval.busy <= 0 or size <= 0:
+            action = "idle"
+        else:
+            self.envelope.observe(size, time)
+            base, per_item = self.envelope.line(size)
+            expected = base + per_item * size
+            queueing = max(0.0, interval.busy - calls * expected) / interval.seconds
+            served = calls * expected / interval.seconds
+            used = interval.saturated / interval.seconds
+            if time > self.tolerance * expected:
+                if before <= self.min_in_flight:
+                    action = "relearn"
+                    self.envelope.reset(size, time)
+                    expected, queueing = time, 0.0
+                elif self.shrank:
+                    # The calls that ended had mostly started before the last shrink: wait for
+                    # calls made under the new limit before judging it.
+                    action = "hold"
+                else:
+                    action = "shrink"
+                    self.slow_start = False
+                    self.limit = min(self.limit, max(self.limit * _MAX_SHRINK, served))
+            elif used >= self.saturated_at and queueing < max(1.0, 0.1 * served):
+                if self.slow_start:
+                    action = "slow start"
+                    self.limit *= 2
+                else:
+                    action = "grow"
+                    self.limit += 1
+            else:
+                action = "hold"
+        self.limit = min(max(self.limit, self.min_in_flight), self.max_in_flight)
+        after = round(self.limit)
+        self.shrank = action == "shrink"
+        base, per_item = self.envelope.line(size)
+        return AutoscaleDecision(
+            at=now,
+            action=action,
+            limit_before=before,
+            limit=after,
+            calls=calls,
+            mean_size=size,
+            mean_time=time,
+            expected_time=expected,
+            queueing=queueing,
+            base=base,
+            per_item=per_item,
+        )
 
 
 async def autoscale(
@@ -47,25 +297,33 @@ async def autoscale(
     interval: float = 0.1,
     tolerance: float = 1.5,
     saturated_at: float = 0.9,
+    on_decision: Callable[[AutoscaleDecision], object] | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Adjust ``batcher.max_in_flight`` forever, within ``[min_in_flight, max_in_flight]``.
 
-    Run it next to the batcher and cancel it with the nursery::
+    Start it next to the batcher and cancel it with the nursery::
 
         async with mcs.open_batcher(fetch) as users, trio.open_nursery() as nursery:
-            nursery.start_soon(partial(mcs.autoscale, users, max_in_flight=32))
+            await nursery.start(partial(mcs.autoscale, users, max_in_flight=32))
             ...
             nursery.cancel_scope.cancel()
+
+    It starts from the batcher's current ``max_in_flight`` (moved into the bounds), which
+    ``nursery.start`` returns once it is set; ``nursery.start_soon`` works too. Cancelling it
+    leaves the limit where it was.
 
     Args:
         batcher: the batcher to steer.
         min_in_flight: the lowest limit it sets.
         max_in_flight: the highest limit it sets.
-        interval: seconds between adjustments.
-        tolerance: how much slower than the no-load baseline a call may get before the limit
-            shrinks (1.5 = 50% slower).
+        interval: seconds between adjustments; several batch_fn calls should end in each.
+        tolerance: how much slower than its no-load time (for its size) a call may get before
+            the limit shrinks (1.5 = 50% slower).
         saturated_at: how busy the slots must have been over the interval (time in batch_fn
             divided by ``interval * max_in_flight``) for the limit to grow.
+        on_decision: called with an :class:`mcs.AutoscaleDecision` after every interval (for
+            logs and metrics); it must not block.
 
     Raises:
         TypeError, ValueError: at once, for a bad argument; the message names it.
@@ -77,28 +335,26 @@ async def autoscale(
     interval = check_seconds("interval", interval, positive=True)
     tolerance = check_number("tolerance", tolerance, minimum=1.0)
     saturated_at = check_number("saturated_at", saturated_at, minimum=0.0, maximum=1)
+    if on_decision is not None and not callable(on_decision):
+        raise TypeError(f"on_decision must be callable or None, got {on_decision!r}")
 
-    limit = float(min(max(batcher.max_in_flight, min_in_flight), max_in_flight))
-    batcher.max_in_flight = round(limit)
-    baseline = math.inf
-    before = batcher.statistics()
+    controller = _Controller(
+        min_in_flight=min_in_flight,
+        max_in_flight=max_in_flight,
+        tolerance=tolerance,
+        saturated_at=saturated_at,
+        limit=float(min(max(batcher.max_in_flight, min_in_flight), max_in_flight)),
+    )
+    batcher.max_in_flight = round(controller.limit)
+    task_status.started(batcher.max_in_flight)
+    counts, dispatcher = batcher._counts, batcher._dispatcher
+    before = _Reading.take(counts, dispatcher.in_flight, trio.current_time())
     while True:
         await trio.sleep(interval)
-        now = batcher.statistics()
-        batches = now.batches - before.batches
-        finished = batches - (now.in_flight - before.in_flight)
-        failures = now.failed_batches - before.failed_batches
-        busy = now.busy_time - before.busy_time
+        at = trio.current_time()
+        now = _Reading.take(counts, dispatcher.in_flight, at)
+        decision = controller.decide(now.since(before, interval), at)
         before = now
-        if failures:
-            limit *= _FAILURE_BACKOFF
-        elif finished > 0 and busy > 0:
-            rtt = busy / finished
-            baseline = min(rtt, baseline * _BASELINE_DRIFT)
-            gradient = tolerance * baseline / rtt
-            if gradient < 1:
-                limit *= max(0.5, gradient)
-            elif busy / (interval * batcher.max_in_flight) >= saturated_at:
-                limit += max(1.0, math.sqrt(limit))
-        limit = min(max(limit, min_in_flight), max_in_flight)
-        batcher.max_in_flight = round(limit)
+        batcher.max_in_flight = decision.limit
+        if on_decision is not None:
+            on_decision(decision)

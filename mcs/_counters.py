@@ -22,6 +22,7 @@ class _Counters:
         "callers_served",
         "cancelled_batches",
         "dropped",
+        "ended_items",
         "failed_batches",
         "items",
         "peak_batch",
@@ -40,6 +41,7 @@ class _Counters:
         self.callers_served = 0  # callers who got a result or an error from a batch
         self.peak_batch = 0
         self.busy_time = 0.0  # seconds in batch_fn, summed over calls
+        self.ended_items = 0  # items of the calls counted in busy_time (autoscale's model)
         self.failed_batches = 0  # batch_fn raised or timed out
         self.timed_out_batches = 0  # cut by batch_timeout
         self.cancelled_batches = 0  # cancelled because every caller left (cancel_abandoned)

@@ -358,6 +358,7 @@ class _Dispatcher(Generic[K, V]):
         now = self._clock.current_time()
         self.counts.batch_times.add(now - started)
         self.counts.busy_time += now - started
+        self.counts.ended_items += len(batch.records)
         self._release_slot(now)
         return now
 
