@@ -2,47 +2,53 @@
 
 The problem: the right number of concurrent downstream calls is a property of the downstream
 (its workers, its locks, its other clients), and it moves. Too few and batches queue behind idle
-capacity; too many and calls wait inside the downstream: every call gets slower while
-throughput stays flat, and with batching it even drops, as smaller batches pay the per-call
-cost more often.
+capacity; too many and calls wait inside the downstream: every call gets slower while throughput
+stays flat, or drops, as smaller batches pay the per-call cost more often.
 
-The signal is the one TCP Vegas and Netflix's concurrency-limits use: the time of a call
-against its time at no load. Two things make it hard with a batcher, and both broke the first
-version of this module (it settled at 4-6x the right limit, and climbed to its ceiling under
-overload):
+The signal is the one TCP Vegas and Netflix's concurrency-limits use: the time of a call against
+its time at no load. Three things make that hard with a batcher; the first version of this
+module met all three (it settled at 4-6x the right limit, and climbed to its ceiling under
+overload while calls got 16x slower):
 
-- **A batch's time grows with its size**, which is not queueing. So the no-load time is a
-  model of the size, ``base + per_item * n``, fitted to the lower envelope of what was seen:
-  the interval with the fastest mean call, and the one with the cheapest mean time per item.
-  A downstream that queues only ever adds time, so the lower envelope is the no-load line; a
-  line through those two points is exact for a linear downstream and close for most others.
-- **A no-load baseline that drifts up re-learns queueing as normal** (the "Gradient2 creep" of
-  concurrency-limits PR #134): the first version let it rise 0.5% per interval, and the limit
-  ratcheted to its ceiling. Here the envelope never rises on its own. It is re-learnt only where
-  that cannot be self-inflicted: at ``min_in_flight``, where the limit cannot go lower, calls
-  still slower than ``tolerance`` times the model mean the downstream itself got slower.
+- **A batch's time grows with its size**, which is not queueing. So the no-load time is a model
+  of the size: the lower convex hull of (mean size, mean time) over the intervals seen, which at
+  a size is a line ``base + per_item * n`` (see :class:`_Envelope`). Queueing only ever adds
+  time, so the hull of what was seen runs at or above the no-load curve and touches it wherever
+  calls of that size once ran unqueued, as they do while the limit is below the downstream's
+  parallelism (slow start begins there).
+- **A baseline that drifts up re-learns queueing as normal.** The first version let its baseline
+  rise 0.5% per interval, and under modest overload the limit ratcheted up, as Gradient2's does
+  when its queue allowance is added on every update (concurrency-limits PR #134). Here the model
+  never rises on its own. It is re-learnt only where slowness cannot be self-inflicted: at
+  ``min_in_flight``, calls still slower than ``tolerance`` times the model mean the downstream
+  itself got slower, and the model restarts from what is seen there.
+- **Failures are overload too.** A limiter that only watches latency keeps growing while every
+  call fails fast or times out alike (concurrency-limits #137, #176). Here an interval with
+  failed or timed-out calls backs off, whatever their latency.
 
-Every ``interval`` it reads the batcher's counters (``statistics()``: batches ended, items,
-busy time, failures; O(1), whatever the load) and, over the calls that ended in the interval,
-compares their mean time with the model's time for their mean size. The excess, divided by the
-interval, is by Little's law the mean number of calls that waited inside the downstream; the
-rest is the concurrency the downstream actually served.
+Every ``interval`` it reads a few of the batcher's counters (calls ended, their items and time,
+failures, and the time every slot was taken: O(1), whatever the load) and compares the mean time
+of the calls that ended with the model's time for their mean size. The excess, over the
+interval, is by Little's law the mean number of calls that waited inside the downstream
+(``queueing``); the rest is the concurrency the downstream actually served.
 
-- **Back off** by 10% in an interval with failed or timed-out calls (the "dropped" signal that
-  concurrency-limits #176 found ignored): errors and timeouts are overload too.
-- **Shrink** when calls take more than ``tolerance`` times the model: to the concurrency that
-  was served (at most halving), which is where the downstream stops queueing.
-- **Grow** only while the slots are in use (time in batch_fn over ``interval * limit`` at least
-  ``saturated_at``; a limit nobody uses says nothing about the downstream) and calls wait for
-  less than about one call's worth inside the downstream. From the start until the first
-  shrink or back-off it doubles (slow start, concurrency-limits #35: a limit far below the
-  right one is as costly as one far above); after that it adds 1 per interval.
+- **Back off** to 90% in an interval with failed or timed-out calls.
+- **Shrink** when calls take more than ``tolerance`` times the model: to the concurrency that was
+  served (at most halving), where the downstream stops queueing. The next interval does not
+  shrink again: its calls mostly started under the old limit.
+- **Grow** only while every slot was taken for at least ``saturated_at`` of the interval (a
+  limit nobody uses says nothing about the downstream) and less than about one call waited
+  inside the downstream (one per ten served, for large limits). Until the first shrink or
+  back-off it doubles: a slow start, as a limit far below the right one costs as much as one far
+  above (concurrency-limits #35). After that it adds 1 per interval.
 - Otherwise it holds.
 
-It runs as an ordinary task in the user's nursery and touches only the public
-``statistics()`` and ``max_in_flight`` of the batcher; lowering the limit never cancels a
-running call, and cancelling the task leaves the limit where it was. Each interval's reading
-and decision is an :class:`mcs.AutoscaleDecision`, handed to ``on_decision`` if given.
+So at a steady load it settles between the downstream's parallelism and ``tolerance`` times it,
+where a call or two wait inside the downstream; W8 in ``bench/`` measures it against every fixed
+limit on the same arrivals. It runs as an ordinary task in the user's nursery and sets only the
+batcher's public ``max_in_flight``: lowering the limit never cancels a running call, and
+cancelling the task leaves the limit where it was. Each interval's reading and decision is an
+:class:`mcs.AutoscaleDecision`, handed to ``on_decision`` if given.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ async def test_does_not_climb_under_sustained_overload(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     downstream = SimulatedDownstream(4, BASE, PER_ITEM)
-    decisions, arrivals, stats = await run_load(downstream, [(4.0, 2.5)], max_in_flight=64)
+    decisions, arrivals, stats = await run_load(downstream, [(10.0, 2.5)], max_in_flight=64)
     assert max(limits(decisions)) <= 8, limits(decisions)
     assert all(4 <= limit <= 8 for limit in limits(decisions)[10:]), limits(decisions)
     # downstream calls stay within 3x their no-load time, though callers are turned away
