@@ -4,24 +4,26 @@ The downstream (:class:`mcs._testing_downstream.SimulatedDownstream`) has C para
 call of n items takes ``10 ms + 0.2 ms * n`` once a worker has it, and calls beyond C wait in
 FIFO order. Batches hold up to 50 items, so the downstream's capacity (every worker busy on full
 batches) is ``C * 50 / 20 ms``: 20k items/s for C = 8. Arrivals are Poisson, drawn from one seed,
-so autoscale and each fixed limit see exactly the same calls at the same virtual times. Everything
-runs on ``trio.testing.MockClock(autojump_threshold=0)``: a scenario of seconds takes a fraction
-of that, and every run gives the same numbers (the harness runs each variant once).
+so autoscale and each fixed limit see exactly the same calls at the same virtual times. The
+batcher's queue holds 2,000 items and rejects beyond (``overload="reject"``), as a service under
+overload should run. Everything runs on ``trio.testing.MockClock(autojump_threshold=0)``, so
+every run gives the same numbers (the harness runs each variant once); the cost is the Python
+work of the calls, a few seconds per variant.
 
-Scenarios (each a workload of the harness, ``W8-...``):
+Scenarios (each a workload of the harness, W8a to W8d; ``--only W8`` selects them all):
 
-- **0.5x**, **0.8x**: C = 8, half and 80% of capacity for 6 s (feasible: the limit should settle
-  near C and calls be as fast as with the best fixed limit).
-- **2.5x**: C = 4, 2.5 times capacity for 6 s, with a bounded queue (``queue_size=2000``,
-  ``overload="reject"``) as a service under overload would run: sustained overload, where a
-  limit that climbs only makes each downstream call slower.
-- **step**: C = 8, 2.5 times capacity for 3 s, then half of it for 5 s: does it come back?
+- **0.5x** (W8a), **0.8x** (W8b): C = 8, half and 80% of capacity for 6 s. Feasible load: the
+  limit should settle near C and calls be as fast as with the best fixed limit.
+- **2.5x** (W8c): C = 4, 2.5 times capacity for 6 s. Sustained overload, where a limit that
+  climbs only makes each downstream call slower.
+- **step** (W8d): C = 8, 2.5 times capacity for 3 s, then half of it for 5 s: does it come back?
 
-Per variant: p50 and p99 of the calls served (over the last 4 s of the feasible scenarios, after
-the limit had time to settle; over the last 3 s of the step scenario; over the whole overload
-scenario), throughput (items served per second over that window), the downstream call's p99
-over its no-load time for a full batch (``call/no-load``), and the final and highest limit.
-``python -m bench.w8_autoscale`` prints every scenario with the ratios to the best fixed limit.
+Per variant: p50 and p99 of the calls served and the throughput (items served per second), over
+a window after the limit had time to settle (from 2 s of the feasible scenarios, from 4 s of the
+step, the whole overload scenario); the downstream call's p99 over its no-load time for a full
+batch (``call/no-load``, over the last 1,024 calls); and the final and highest limit, sampled
+every 0.1 s. ``python -m bench.w8_autoscale`` prints every scenario with the ratios to the best
+fixed limit.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Scenario:
     """One load pattern against one downstream."""
 
     key: str
+    letter: str  # the workload is W8 and this letter: ``--only W8`` selects them all
     title: str
     workers: int
     phases: tuple[tuple[float, float], ...]  # (seconds, share of capacity)
@@ -70,11 +73,12 @@ class Scenario:
 
 
 SCENARIOS = (
-    Scenario("0.5x", "half of capacity", workers=8, phases=((6.0, 0.5),), measured_from=2.0),
-    Scenario("0.8x", "80% of capacity", workers=8, phases=((6.0, 0.8),), measured_from=2.0),
-    Scenario("2.5x", "sustained overload", workers=4, phases=((6.0, 2.5),), measured_from=0.0),
+    Scenario("0.5x", "a", "half of capacity", workers=8, phases=((6.0, 0.5),), measured_from=2.0),
+    Scenario("0.8x", "b", "80% of capacity", workers=8, phases=((6.0, 0.8),), measured_from=2.0),
+    Scenario("2.5x", "c", "sustained overload", workers=4, phases=((6.0, 2.5),), measured_from=0.0),
     Scenario(
         "step",
+        "d",
         "overload, then half of capacity",
         workers=8,
         phases=((3.0, 2.5), (5.0, 0.5)),
@@ -156,7 +160,7 @@ def _workload(scenario: Scenario) -> Workload:
     if scenario.measured_from == 0:
         targets += (Target("autoscale", "call_p99", "<=", 3.0),)
     return Workload(
-        key=f"W8-{scenario.key}",
+        key=f"W8{scenario.letter}",
         title=f"autoscale, {scenario.title}",
         description=(
             f"C = {scenario.workers} workers, {BASE * 1e3:g} ms + {PER_ITEM * 1e3:g} ms/item, "

@@ -34,8 +34,10 @@ interval, is by Little's law the mean number of calls that waited inside the dow
 
 - **Back off** to 90% in an interval with failed or timed-out calls.
 - **Shrink** when calls take more than ``tolerance`` times the model: to the concurrency that was
-  served (at most halving), where the downstream stops queueing. The next interval does not
-  shrink again: its calls mostly started under the old limit.
+  served, where the downstream stops queueing (or by the ratio of ``tolerance`` times the model
+  to the time taken, if that is lower, as with calls longer than the interval), at most
+  halving. The next interval does not shrink again: its calls mostly started under the old
+  limit.
 - **Grow** only while every slot was taken for at least ``saturated_at`` of the interval (a
   limit nobody uses says nothing about the downstream) and less than about one call waited
   inside the downstream (one per ten served, for large limits). Until the first shrink or
@@ -62,7 +64,6 @@ import trio
 
 from ._batcher import Batcher
 from ._counters import _Counters
-from ._stats import _busy_until
 from ._util import check_int, check_number, check_seconds
 
 __all__ = ["AutoscaleDecision", "autoscale"]
@@ -134,16 +135,13 @@ class _Reading:
 
     @classmethod
     def take(cls, counts: _Counters, in_flight: int, now: float) -> _Reading:
-        saturated = 0.0
-        if counts.saturation is not None:
-            stretches = tuple(counts.saturation._busy)
-            saturated = _busy_until(stretches, now) if stretches else counts.saturation._total
+        saturation = counts.saturation
         return cls(
             counts.batches - in_flight,
             counts.ended_items,
             counts.busy_time,
             counts.failed_batches,
-            saturated,
+            0.0 if saturation is None else saturation.total(now),
         )
 
     def since(self, before: _Reading, seconds: float) -> _Interval:
@@ -266,7 +264,8 @@ class _Controller:
                 else:
                     action = "shrink"
                     self.slow_start = False
-                    self.limit = min(self.limit, max(self.limit * _MAX_SHRINK, served))
+                    gradient = self.tolerance * expected / time  # < 1 here
+                    self.limit = max(self.limit * _MAX_SHRINK, min(served, self.limit * gradient))
             elif used >= self.saturated_at and queueing < max(1.0, 0.1 * served):
                 if self.slow_start:
                     action = "slow start"

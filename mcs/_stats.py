@@ -145,6 +145,11 @@ class _Saturation:
             while busy and busy[0][1] <= horizon:
                 busy.popleft()
 
+    def total(self, now: float) -> float:
+        """Seconds ever spent with every slot busy, up to ``now`` (for rates over any period)."""
+        stretches = tuple(self._busy)  # one copy in C: atomic under the GIL
+        return _busy_until(stretches, now) if stretches else self._total
+
     def share(self, now: float) -> float:
         span = min(self._window, now - self._created)
         if span <= 0:

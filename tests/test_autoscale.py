@@ -14,9 +14,11 @@ from functools import partial
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mcs
-from mcs._autoscale import _Envelope
+from mcs._autoscale import _Controller, _Envelope, _Interval
 from mcs._testing_downstream import Arrival, SimulatedDownstream, offer_load
 
 BASE, PER_ITEM, BATCH = 0.010, 0.001, 10
@@ -322,3 +324,106 @@ async def test_bad_arguments(
 async def test_rejects_a_non_batcher() -> None:
     with pytest.raises(TypeError, match=r"^batcher must be a mcs\.Batcher, got 3$"):
         await mcs.autoscale(3)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- decisions, without a scheduler
+
+
+def controller(limit: float = 8.0, **options: float) -> _Controller:
+    settings = {"min_in_flight": 1, "max_in_flight": 64, "tolerance": 1.5, "saturated_at": 0.9}
+    return _Controller(**(settings | options), limit=limit)  # type: ignore[arg-type]
+
+
+def interval(
+    calls: int, size: float, time: float, *, failures: int = 0, saturated: float = 0.1
+) -> _Interval:
+    """0.1 s in which ``calls`` calls of ``size`` items took ``time`` each."""
+    return _Interval(0.1, calls, round(calls * size), calls * time, failures, saturated)
+
+
+def test_queued_calls_shrink_the_limit_to_the_concurrency_served() -> None:
+    c = controller(slow_start=False)
+    c.envelope.reset(10, 0.020)
+    # 8 slots busy with 20 ms calls that took 40 ms: 4 served, 4 waited
+    decision = c.decide(interval(20, 10, 0.040), now=1.0)
+    assert (decision.action, decision.limit_before, decision.limit) == ("shrink", 8, 4)
+    assert decision.queueing == pytest.approx(4.0)
+    c = controller(limit=16, slow_start=False)
+    c.envelope.reset(10, 0.020)
+    decision = c.decide(interval(40, 10, 0.040), now=1.0)
+    assert (decision.action, decision.limit) == ("shrink", 8)
+    assert decision.queueing == pytest.approx(8.0)
+    assert decision.expected_time == pytest.approx(0.020)
+    # the next interval's calls mostly started under 16: they do not shrink it again
+    assert c.decide(interval(40, 10, 0.040), now=1.1).action == "hold"
+    assert c.decide(interval(40, 10, 0.040), now=1.2).action == "shrink"
+
+
+def test_a_shrink_is_at_most_a_halving() -> None:
+    c = controller(limit=40, slow_start=False)
+    c.envelope.reset(10, 0.020)
+    decision = c.decide(interval(10, 10, 0.100), now=1.0)  # 2 served, 8 waited
+    assert (decision.action, decision.limit) == ("shrink", 20)
+
+
+def test_growth_needs_saturated_slots_and_no_queue() -> None:
+    c = controller(slow_start=False)
+    c.envelope.reset(10, 0.020)
+    assert c.decide(interval(40, 10, 0.020, saturated=0.08), now=1.0).action == "hold"
+    assert c.decide(interval(40, 10, 0.026, saturated=0.1), now=1.1).action == "hold"
+    decision = c.decide(interval(40, 10, 0.020, saturated=0.1), now=1.2)
+    assert (decision.action, decision.limit) == ("grow", 9)
+
+
+def test_failures_back_off_whatever_the_latency() -> None:
+    c = controller(limit=10)
+    decision = c.decide(interval(40, 10, 0.001, failures=1), now=1.0)
+    assert (decision.action, decision.limit) == ("back off", 9)
+    assert c.slow_start is False
+    assert all(math.isnan(x) for x in c.envelope.line(10))  # a fast failure teaches nothing
+
+
+def test_slow_calls_at_the_minimum_relearn_the_model() -> None:
+    c = controller(limit=1, slow_start=False)
+    c.envelope.reset(10, 0.020)
+    decision = c.decide(interval(2, 10, 0.060, saturated=0.1), now=1.0)
+    assert (decision.action, decision.limit) == ("relearn", 1)
+    assert c.envelope.line(10) == (0.060, 0.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bounds=st.tuples(st.integers(1, 20), st.integers(0, 50)),
+    start=st.integers(1, 100),
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 200),
+            st.floats(1, 100),
+            st.floats(0.001, 1.0),
+            st.integers(0, 3),
+            st.floats(0, 0.1),
+        ),
+        max_size=60,
+    ),
+)
+def test_decisions_respect_the_bounds_and_their_signals(
+    bounds: tuple[int, int], start: int, steps: list[tuple[int, float, float, int, float]]
+) -> None:
+    low, extra = bounds
+    c = controller(limit=float(min(max(start, low), low + extra)), min_in_flight=low)
+    c.max_in_flight = low + extra
+    for k, (calls, size, time, failures, saturated) in enumerate(steps):
+        decision = c.decide(
+            interval(calls, size, time, failures=failures, saturated=saturated), now=k
+        )
+        assert low <= decision.limit <= low + extra
+        if failures:
+            assert decision.action == "back off"
+            assert decision.limit <= decision.limit_before
+        if decision.limit > decision.limit_before:
+            assert decision.action in {"slow start", "grow"}
+            assert saturated >= 0.9 * 0.1
+        if decision.action == "shrink":
+            assert decision.mean_time > 1.5 * decision.expected_time
+            assert decision.limit <= decision.limit_before
+            assert decision.limit == low or 2 * decision.limit + 1 >= decision.limit_before
