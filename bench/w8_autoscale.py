@@ -7,8 +7,8 @@ batches) is ``C * 50 / 20 ms``: 20k items/s for C = 8. Arrivals are Poisson, dra
 so autoscale and each fixed limit see exactly the same calls at the same virtual times. The
 batcher's queue holds 2,000 items and rejects beyond (``overload="reject"``), as a service under
 overload should run. Everything runs on ``trio.testing.MockClock(autojump_threshold=0)``, so
-every run gives the same numbers (the harness runs each variant once); the cost is the Python
-work of the calls, a few seconds per variant.
+every run gives the same numbers to about 1% (trio shuffles the order of ready tasks), and the
+harness runs each variant once; the cost is the Python work of the calls, seconds per variant.
 
 Scenarios (each a workload of the harness, W8a to W8d; ``--only W8`` selects them all):
 
@@ -21,7 +21,7 @@ Scenarios (each a workload of the harness, W8a to W8d; ``--only W8`` selects the
 Per variant: p50 and p99 of the calls served and the throughput (items served per second), over
 a window after the limit had time to settle (from 2 s of the feasible scenarios, from 4 s of the
 step, the whole overload scenario); the downstream call's p99 over its no-load time for a full
-batch (``call/no-load``, over the last 1,024 calls); and the final and highest limit, sampled
+batch (over the last 1,024 calls); and the final and highest limit, sampled
 every 0.1 s. ``python -m bench.w8_autoscale`` prints every scenario with the ratios to the best
 fixed limit.
 """
@@ -54,7 +54,7 @@ SEED = 8
 QUEUE_SIZE = 2_000  # a bounded queue that rejects, as a service under overload should run
 
 _SLOTS = cast(Literal["req/s", "ms", "B"], "slots")
-_TIMES = cast(Literal["req/s", "ms", "B"], "x")
+_PERCENT = cast(Literal["req/s", "ms", "B"], "% of no-load")
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ async def _run(scenario: Scenario, fixed: int | None, scale: float) -> Results:
             nursery.cancel_scope.cancel()
         stats = batcher.statistics()
     return _results(arrivals, scenario.measured_from * scale, sum(s for s, _ in phases)) | {
-        "call_p99": stats.batch_time.p99 / (BASE + PER_ITEM * MAX_BATCH_SIZE),
+        "call_p99": 100 * stats.batch_time.p99 / (BASE + PER_ITEM * MAX_BATCH_SIZE),
         "final_limit": float(limits[-1]),
         "max_limit": float(max(limits)),
     }
@@ -158,7 +158,7 @@ def _workload(scenario: Scenario) -> Workload:
     if overloaded:
         targets += (Target("autoscale", "max_limit", "<", CEILING),)
     if scenario.measured_from == 0:
-        targets += (Target("autoscale", "call_p99", "<=", 3.0),)
+        targets += (Target("autoscale", "call_p99", "<=", 300),)
     return Workload(
         key=f"W8{scenario.letter}",
         title=f"autoscale, {scenario.title}",
@@ -173,7 +173,7 @@ def _workload(scenario: Scenario) -> Workload:
             Metric("p99", "p99", "ms", higher_is_better=False),
             Metric("p50", "p50", "ms", higher_is_better=False),
             Metric("throughput", "throughput", "req/s", higher_is_better=True),
-            Metric("call_p99", "call/no-load", _TIMES, higher_is_better=False),
+            Metric("call_p99", "downstream call p99", _PERCENT, higher_is_better=False),
             Metric("final_limit", "final limit", _SLOTS, higher_is_better=False),
             Metric("max_limit", "max limit", _SLOTS, higher_is_better=False),
         ),
@@ -185,7 +185,7 @@ def _workload(scenario: Scenario) -> Workload:
             ),
         ),
         targets=targets,
-        max_runs=1,  # virtual time: every run gives the same numbers
+        max_runs=1,  # virtual time: runs differ only by trio's shuffling of ready tasks
     )
 
 
@@ -208,7 +208,7 @@ def main() -> int:
         for name, r in rows.items():
             print(
                 f"{name:<10} {r['p50']:8.1f} {r['p99']:8.1f} {r['throughput']:8.0f} "
-                f"{r['call_p99']:8.2f} {r['final_limit']:5.0f} {r['max_limit']:4.0f} "
+                f"{r['call_p99'] / 100:8.2f} {r['final_limit']:5.0f} {r['max_limit']:4.0f} "
                 f"{r['p99'] / rows[best]['p99']:8.2f} "
                 f"{r['throughput'] / rows[best]['throughput']:9.2f} {r['rejected']:8.0f}"
             )

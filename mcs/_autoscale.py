@@ -315,8 +315,9 @@ async def autoscale(
             nursery.cancel_scope.cancel()
 
     It starts from the batcher's current ``max_in_flight`` (moved into the bounds), which
-    ``nursery.start`` returns once it is set; ``nursery.start_soon`` works too. Cancelling it
-    leaves the limit where it was.
+    ``nursery.start`` returns once it is set; ``nursery.start_soon`` works too. While it runs
+    it owns the limit (a value set on the batcher meanwhile is overwritten at the next
+    interval); cancelling it leaves the limit where it was.
 
     Args:
         batcher: the batcher to steer.
@@ -325,8 +326,8 @@ async def autoscale(
         interval: seconds between adjustments; several batch_fn calls should end in each.
         tolerance: how much slower than its no-load time (for its size) a call may get before
             the limit shrinks (1.5 = 50% slower).
-        saturated_at: how busy the slots must have been over the interval (time in batch_fn
-            divided by ``interval * max_in_flight``) for the limit to grow.
+        saturated_at: the share of the interval during which every slot must have been taken
+            for the limit to grow (a limit nobody uses says nothing about the downstream).
         on_decision: called with an :class:`mcs.AutoscaleDecision` after every interval (for
             logs and metrics); it must not block.
 
