@@ -185,6 +185,24 @@ async def test_timeouts_back_off(autojump_clock: trio.testing.MockClock) -> None
     assert limits(decisions) == [9, 8, 7, 7, 6, 5, 5, 4, 4, 3]
 
 
+async def test_a_hung_downstream_holds_the_limit(autojump_clock: trio.testing.MockClock) -> None:
+    async def hangs(items: list[int]) -> list[int]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    decisions: list[mcs.AutoscaleDecision] = []
+    with trio.move_on_after(1.05) as scope:  # cancels the hung calls with the batcher
+        async with mcs.open_batcher(hangs, max_in_flight=6) as batcher:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(mcs.autoscale, batcher, on_decision=decisions.append))
+                for n in range(20):
+                    nursery.start_soon(batcher, n)
+    assert scope.cancelled_caught
+    # nothing ended, so nothing was learnt: no growth into a downstream that does not answer
+    assert [d.action for d in decisions] == ["idle"] * 10
+    assert set(limits(decisions)) == {6}
+
+
 async def test_recovers_after_failures_stop(autojump_clock: trio.testing.MockClock) -> None:
     downstream = SimulatedDownstream(4, BASE, PER_ITEM)
     downstream.failure = OSError("downstream unavailable")
