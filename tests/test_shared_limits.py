@@ -7,8 +7,7 @@ here with in-process implementations so every time is exact.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 import trio
@@ -31,7 +30,7 @@ class Pool:
         self.running = self.peak = 0
         self.calls: list[tuple[str, float, list[int]]] = []
 
-    def table(self, name: str) -> Callable[[list[int]], Any]:
+    def table(self, name: str) -> Callable[[list[int]], Awaitable[list[int]]]:
         async def batch_fn(items: list[int]) -> list[int]:
             self.calls.append((name, trio.current_time(), list(items)))
             self.running += 1
