@@ -269,6 +269,18 @@ class _Dispatcher(Generic[K, V]):
                 token, self._token = self._token, None
                 assert self.slots is not None
                 self.slots.release(token)
+            if self._splits:  # shut down with parts of split batches still to send
+                self._fail_splits()
+
+    def _fail_splits(self) -> None:
+        assert self._clock is not None
+        broken = trio.BrokenResourceError(
+            f"batcher {self.name!r} was shut down while this item was in flight"
+        )
+        while self._splits:
+            records = self._splits.popleft()
+            served = deliver_error(records, broken, None, self._clock.current_time())
+            self.counts.callers_served += served + (extra_callers(records) if self.shares else 0)
 
     async def _dispatch(self) -> None:
         clock, intake, counts, splits = self._clock, self.intake, self.counts, self._splits
