@@ -274,3 +274,29 @@ def test_bad_shared_limits_are_refused_at_construction() -> None:
         mcs.Batcher(batch_fn, max_in_flight="pool")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^rate must be a mcs\.RateLimit or None, got 'fast'$"):
         mcs.Batcher(batch_fn, rate="fast")  # type: ignore[arg-type]
+
+
+async def test_split_parts_take_shared_slots_and_bookings_like_any_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rate = LocalSharedRate(mcs.RateLimit(10, per=1, burst=4, unit="item"), round_trip=0.25)
+    limiter = trio.CapacityLimiter(1)
+    calls: list[list[int]] = []
+
+    async def flaky(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        await trio.sleep(1.0)
+        if 1 in items:
+            raise ValueError(f"{len(items)} items with 1 in them")
+        return items
+
+    async with mcs.open_batcher(
+        flaky, rate=rate, max_in_flight=limiter, on_batch_error="split"
+    ) as api:
+        results = await api.many(range(4))
+    assert results[0::2] == [0, 2]
+    assert results[3] == 3
+    assert str(results[1]) == "1 items with 1 in them"
+    assert calls == [[0, 1, 2, 3], [0, 1], [2, 3], [0], [1]]
+    assert [units for _, units in rate.reservations] == [4, 2, 2, 1, 1]
+    assert limiter.borrowed_tokens == 0
