@@ -309,7 +309,7 @@ class _Dispatcher(Generic[K, V]):
                     settled = True  # let every task of this scheduler pass add its items
                     await cancel_shielded_checkpoint()
                     continue
-                if gated:
+                if gated and not self._gates_open():
                     if not await self._pass_gates():
                         continue
                     now = clock.current_time()
@@ -335,6 +335,16 @@ class _Dispatcher(Generic[K, V]):
                 await self._park(step, until)
 
     # ------------------------------------------------------------------ shared limits
+
+    def _gates_open(self) -> bool:
+        """The shared gates passed without awaiting: a free slot taken at once (a
+        CapacityLimiter with a token to spare), and no shared rate to book."""
+        if self._token is None and self.slots is not None:
+            token = self.slots.acquire_nowait()
+            if token is None:
+                return False
+            self._token = token
+        return self.shared_rate is None
 
     async def _pass_gates(self) -> bool:
         """Take a shared slot and a shared rate reservation for the next batch.
