@@ -163,6 +163,23 @@ async def test_a_killed_process_slots_come_back_within_the_lease(
     assert 2.0 - 2.0 / 3 - 0.1 <= waited <= 2.0 + 0.5
 
 
+async def test_held_leases_are_renewed_and_a_lost_one_is_counted(
+    redis_server: RedisServer,
+) -> None:
+    async with mcs.redis.open_shared_in_flight(redis_server.url, "renew", 2, lease=0.9) as slots:
+        with trio.fail_after(10):
+            token = await slots.acquire()
+            await trio.sleep(1.5)  # past the lease: only renewals (every 0.3 s) keep it
+            assert redis_server.command("ZCARD", "mcs:in_flight:renew") == b":1\r\n"
+            assert slots.lost == 0
+            redis_server.command("FLUSHALL")  # Redis forgets the lease
+            await trio.sleep(0.5)
+            assert slots.lost == 1
+            slots.release(token)
+            await trio.sleep(0.1)
+    assert redis_server.command("EXISTS", "mcs:in_flight:renew") == b":0\r\n"
+
+
 # ---------------------------------------------------------------- the arithmetic
 
 
