@@ -14,6 +14,8 @@ from ._exceptions import MCSError as MCSError
 from ._exceptions import Overloaded as Overloaded
 from ._graph import Graph as Graph
 from ._graph import open_graph as open_graph
+from ._limits import SharedInFlight as SharedInFlight
+from ._limits import SharedRate as SharedRate
 from ._node import Node as Node
 from ._open_batcher import open_batcher as open_batcher
 from ._rate import RateLimit as RateLimit
@@ -39,6 +41,8 @@ __all__ = [
     "Overloaded",
     "Percentiles",
     "RateLimit",
+    "SharedInFlight",
+    "SharedRate",
     "autoscale",
     "open_batcher",
     "open_graph",

@@ -332,10 +332,17 @@ async def autoscale(
             logs and metrics); it must not block.
 
     Raises:
-        TypeError, ValueError: at once, for a bad argument; the message names it.
+        TypeError, ValueError: at once, for a bad argument (the message names it), or a
+            batcher whose in-flight limit is shared (a ``trio.CapacityLimiter`` or one on
+            Redis), which is not the batcher's to steer.
     """
     if not isinstance(batcher, Batcher):
         raise TypeError(f"batcher must be a mcs.Batcher, got {batcher!r}")
+    if batcher._dispatcher.slots is not None:
+        raise ValueError(
+            f"batcher {batcher.name!r} has a shared in-flight limit "
+            f"({batcher._dispatcher.slots!r}); autoscale steers only a batcher's own int limit"
+        )
     check_int("min_in_flight", min_in_flight, 1)
     check_int("max_in_flight", max_in_flight, min_in_flight)
     interval = check_seconds("interval", interval, positive=True)

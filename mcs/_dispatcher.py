@@ -17,13 +17,17 @@ in a cancel scope only when ``batch_timeout`` or ``cancel_abandoned`` needs one 
 batch, never per item). Whatever batch_fn does, the batch task ends normally and every caller of
 the batch gets one outcome; only a KeyboardInterrupt or SystemExit out of batch_fn (after the
 callers were told) and the batcher's own cancellation leave it.
+
+Shared limits (a ``trio.CapacityLimiter``, a limit on Redis) and ``on_batch_error="split"``
+are described in ``_gates.py``, which holds the dispatcher's side of them.
 """
 
 from __future__ import annotations
 
 import contextvars
 import math
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 from trio.lowlevel import (
@@ -37,7 +41,9 @@ from trio.lowlevel import (
 
 from ._counters import _Counters
 from ._dispatch import Step, next_step
+from ._gates import _RUNNING, _Gates
 from ._intake import _Intake
+from ._limits import SharedInFlight, SharedRate
 from ._park import park, wake
 from ._rate import _Gcra
 from ._requests import _IN_FLIGHT, _Request
@@ -52,7 +58,7 @@ __all__ = ["_CURRENT_BATCH", "_Batch", "_Dispatcher", "call_from_batch"]
 K = TypeVar("K")
 V = TypeVar("V")
 
-_RUNNING: Final = -1  # the dispatcher is not parked
+_UNBOUNDED: Final = 2**62  # the local in-flight bound when a shared one decides
 _FOR_SLOT: Final = Step.FOR_SLOT
 _FOR_ITEMS: Final = Step.FOR_ITEMS
 _FOR_FILL: Final = Step.FOR_FILL
@@ -64,10 +70,27 @@ _STOP: Final = Step.STOP
 class _Batch:
     """One running batch_fn call: its records, and what abandonment and nested calls need."""
 
-    __slots__ = ("dispatcher", "live", "nested_waits", "records", "running", "scope")
+    __slots__ = (
+        "dispatcher",
+        "live",
+        "nested_waits",
+        "part",
+        "records",
+        "running",
+        "scope",
+        "token",
+    )
 
-    def __init__(self, dispatcher: _Dispatcher[Any, Any], records: list[_Request[Any, Any]]):
+    def __init__(
+        self,
+        dispatcher: _Dispatcher[Any, Any],
+        records: list[_Request[Any, Any]],
+        part: bool = False,
+        token: object = None,
+    ):
         self.dispatcher = dispatcher
+        self.part = part  # a part of a split batch: its items were sent before
+        self.token = token  # the shared in-flight slot it holds, if any
         self.records = records
         self.live = len(records)  # callers that have not left
         self.scope: trio.CancelScope | None = None
@@ -82,7 +105,7 @@ _CURRENT_BATCH: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar(
 )
 
 
-class _Dispatcher(Generic[K, V]):
+class _Dispatcher(_Gates[K, V]):
     """The batch-starting half of a batcher; the batcher owns the intake and the callers."""
 
     __slots__ = (
@@ -104,7 +127,7 @@ class _Dispatcher(Generic[K, V]):
         "name",
         "rate_counts_items",
         "shares",
-        "waiting_for",
+        "split",
     )
 
     def __init__(
@@ -122,6 +145,9 @@ class _Dispatcher(Generic[K, V]):
         shares: bool,
         batch_timeout: float | None,
         cancel_abandoned: bool,
+        slots: SharedInFlight | None = None,
+        shared_rate: SharedRate | None = None,
+        split: bool = False,
     ) -> None:
         self.name = name
         self._batch_fn = batch_fn
@@ -129,7 +155,11 @@ class _Dispatcher(Generic[K, V]):
         self.counts = counts
         self.batch_cap = batch_cap
         self.max_wait = max_wait
-        self.max_in_flight = max_in_flight
+        # With shared slots, the shared budget is the only in-flight bound.
+        self.max_in_flight = max_in_flight if slots is None else _UNBOUNDED
+        self.slots = slots
+        self.shared_rate = shared_rate
+        self.split = split
         self.gcra = gcra
         self.rate_counts_items = rate_counts_items
         self.shares = shares  # dedupe: records may be shared items with several callers
@@ -142,6 +172,10 @@ class _Dispatcher(Generic[K, V]):
         self._abandoned: list[_Batch] = []  # batches to cancel (cancel_abandoned)
         self._clock: trio.abc.Clock | None = None
         self._nursery: trio.Nursery | None = None
+        self._gate_scope: trio.CancelScope | None = None  # while waiting in a shared limit
+        self._token: object = None  # a shared slot taken for the next batch
+        self._reserved: tuple[float, int] | None = None  # (ready at, units) for the next batch
+        self._splits: deque[list[_Request[K, V]]] = deque()  # parts of split batches, to send
 
     def start(self, nursery: trio.Nursery, clock: trio.abc.Clock) -> None:
         self._nursery = nursery
@@ -156,6 +190,8 @@ class _Dispatcher(Generic[K, V]):
             self._task = None
             self.waiting_for = _RUNNING
             wake(task)
+        elif self._gate_scope is not None:
+            self._gate_scope.cancel()
 
     def item_arrived(self) -> None:
         waiting_for = self.waiting_for
@@ -206,8 +242,20 @@ class _Dispatcher(Generic[K, V]):
                     batch.scope.cancel()
 
     async def _loop(self) -> None:
-        clock, intake, counts = self._clock, self.intake, self.counts
+        try:
+            await self._dispatch()
+        finally:
+            if self._token is not None:  # a shared slot taken for a batch that never left
+                token, self._token = self._token, None
+                assert self.slots is not None
+                self.slots.release(token)
+            if self._splits:  # shut down with parts of split batches still to send
+                self._fail_splits()
+
+    async def _dispatch(self) -> None:
+        clock, intake, counts, splits = self._clock, self.intake, self.counts, self._splits
         assert clock is not None
+        gated = self.slots is not None or self.shared_rate is not None
         settled = False  # a scheduler pass has gone by since the dispatcher last woke
         rate_wait_started: float | None = None
         while True:
@@ -224,36 +272,59 @@ class _Dispatcher(Generic[K, V]):
                 gcra=self.gcra,
                 rate_counts_items=self.rate_counts_items,
                 now=now,
+                split_units=len(splits[0]) if splits else 0,
             )
             if step == _SEND:
                 if not settled:
                     settled = True  # let every task of this scheduler pass add its items
                     await cancel_shielded_checkpoint()
                     continue
+                if gated and not self._gates_open():
+                    if not await self._pass_gates():
+                        continue
+                    now = clock.current_time()
                 if rate_wait_started is not None:
                     counts.rate_wait_time += now - rate_wait_started
                     rate_wait_started = None
                 self._start_batch(now)
-            elif step == _STOP:
-                return
+            elif step == _STOP and not (self.split and self.in_flight):
+                return  # (a running batch may still split: wait for it)
             else:
+                if step == _STOP:
+                    step = _FOR_ITEMS
                 if step == _FOR_ITEMS:
                     rate_wait_started = None  # the waiting items left
+                    if self._token is not None:  # nothing to send: let others have the slot
+                        token, self._token = self._token, None
+                        assert self.slots is not None
+                        self.slots.release(token)
                 elif step == _FOR_RATE and rate_wait_started is None:
                     rate_wait_started = now  # one wait per batch, however often it re-waits
                     counts.rate_waits += 1
                 settled = False
                 await self._park(step, until)
 
+    # ------------------------------------------------------------------ starting a batch
+
     def _start_batch(self, now: float) -> None:
-        records = self.intake.take(self.batch_cap)
-        if not records:
-            return
+        part = bool(self._splits)
+        if part:
+            records = self._splits.popleft()
+        else:
+            cap = self.batch_cap
+            if self._reserved is not None and self.rate_counts_items:
+                cap = min(cap, self._reserved[1])  # no more items than were booked
+            records = self.intake.take(cap)
+            if not records:
+                return
+        self._reserved = None
+        token, self._token = self._token, None
         counts = self.counts
         if self.gcra is not None:
             self.gcra.take(len(records) if self.rate_counts_items else 1, now)
-        counts.queue_waits.extend([now - request.t0 for request in records])
-        batch = _Batch(self, records)
+        if not part:
+            counts.queue_waits.extend([now - request.t0 for request in records])
+        batch = _Batch(self, records, part, token)
         if self.batch_timeout is not None or self.cancel_abandoned:
             timeout = self.batch_timeout
             batch.scope = trio.CancelScope(deadline=math.inf if timeout is None else now + timeout)
@@ -278,18 +349,21 @@ class _Dispatcher(Generic[K, V]):
             # Callers who left between the dispatcher taking the batch and this task starting:
             # their items have not reached batch_fn, so they count as withdrawn, not dropped.
             live = [request for request in records if request.state == _IN_FLIGHT]
-            gone = sum(
-                getattr(request, "dropped", 1) for request in records if request.state != _IN_FLIGHT
-            )
-            counts.dropped -= gone
-            counts.withdrawn += gone
+            if not batch.part:  # (a part's items were sent before: its callers dropped them)
+                gone = sum(
+                    getattr(request, "dropped", 1)
+                    for request in records
+                    if request.state != _IN_FLIGHT
+                )
+                counts.dropped -= gone
+                counts.withdrawn += gone
             records = batch.records = live
             batch.live = len(live)
         items = [request.item for request in records]
         if not items:  # nothing left to send: this was never a batch
             batch.running = False
             counts.batches -= 1
-            self._release_slot(clock.current_time())
+            self._release_slot(batch, clock.current_time())
             return
         size = len(items)
         counts.items += size
@@ -310,8 +384,14 @@ class _Dispatcher(Generic[K, V]):
                     return
         except Exception as exc:
             counts.failed_batches += 1
+            if self.split and len(records) > 1:
+                self._split(records)
+                self._batch_done(batch, started)
+                return
             now = self._batch_done(batch, started)
             served = deliver_error(records, exc, exc.__traceback__, now)
+            if self.split:  # (only single items get here)
+                counts.failed_alone += served
             counts.callers_served += served + (extra_callers(records) if self.shares else 0)
         except BaseException as exc:
             # Cancelled (the batcher is shutting down) or KeyboardInterrupt: the callers must
@@ -336,6 +416,15 @@ class _Dispatcher(Generic[K, V]):
             # raised during delivery: it must not keep the records (see _split.py).
             records = batch.records = items = results = None  # type: ignore[assignment]
 
+    def _split(self, records: list[_Request[K, V]]) -> None:
+        """batch_fn raised for several items: send each half again, ahead of the queue."""
+        self.counts.split_batches += 1
+        live = [request for request in records if request.state == _IN_FLIGHT]
+        half = (len(live) + 1) // 2
+        self._splits.extend(part for part in (live[:half], live[half:]) if part)
+        if self.waiting_for == _FOR_ITEMS or self.waiting_for == _FOR_FILL:
+            self.wake()
+
     def _cut_short(self, batch: _Batch, records: list[_Request[K, V]], started: float) -> None:
         """batch_fn was cancelled: by ``batch_timeout``, or because all its callers left."""
         now = self._batch_done(batch, started)
@@ -359,16 +448,24 @@ class _Dispatcher(Generic[K, V]):
         self.counts.batch_times.add(now - started)
         self.counts.busy_time += now - started
         self.counts.ended_items += len(batch.records)
-        self._release_slot(now)
+        self._release_slot(batch, now)
         return now
 
-    def _release_slot(self, now: float) -> None:
+    def _release_slot(self, batch: _Batch, now: float) -> None:
+        if batch.token is not None:
+            token, batch.token = batch.token, None
+            assert self.slots is not None
+            self.slots.release(token)
         was_saturated = self.in_flight >= self.max_in_flight
         self.in_flight -= 1
         if was_saturated:
             assert self.counts.saturation is not None
             self.counts.saturation.update(self.in_flight >= self.max_in_flight, now)
-        if self.waiting_for == _FOR_SLOT:
+        waiting_for = self.waiting_for
+        if waiting_for == _FOR_SLOT or (
+            # closed and drained, but the dispatcher waited in case this batch split
+            waiting_for == _FOR_ITEMS and self.split and self.intake.closed
+        ):
             self.wake()
 
 

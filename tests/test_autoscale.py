@@ -344,6 +344,14 @@ async def test_rejects_a_non_batcher() -> None:
         await mcs.autoscale(3)  # type: ignore[arg-type]
 
 
+async def test_rejects_a_batcher_with_a_shared_in_flight_limit() -> None:
+    pool = trio.CapacityLimiter(4)
+    async with mcs.open_batcher(SimulatedDownstream(1, BASE, PER_ITEM), max_in_flight=pool) as b:
+        with pytest.raises(ValueError, match=r"has a shared in-flight limit .*CapacityLimiter"):
+            await mcs.autoscale(b)
+        assert pool.total_tokens == 4  # untouched
+
+
 # ---------------------------------------------------------------- decisions, without a scheduler
 
 
