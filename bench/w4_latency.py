@@ -113,6 +113,7 @@ class Window:
     lag_p99: float  # scheduled arrival to the generator starting the request
     lag_max: float
     achieved: float  # results per second over the window
+    cpu_share: float  # CPU time the process got / wall time: below 1, other processes took the core
     overloaded: bool
     gc_full: list[float]  # pauses of full (generation 2) collections
     gc_young_max: float  # the longest generation 0/1 pause (0.0 if none)
@@ -169,8 +170,10 @@ def measure_window(
             issued, overloaded = await generate(nursery, call, start)
         return issued, overloaded, start, trio.current_time()
 
+    cpu_before, wall_before = time.process_time(), time.perf_counter()
     with _GcPauses() as gc_pauses:
         issued, overloaded, start, end = trio.run(main)
+    cpu_share = (time.process_time() - cpu_before) / (time.perf_counter() - wall_before)
     if finished[0] != issued:
         raise AssertionError(f"{issued} requests started, {finished[0]} finished")
     lags = sorted(lag[:issued])
@@ -183,6 +186,7 @@ def measure_window(
         lag_p99=nearest_rank(lags, 0.99),
         lag_max=lags[-1] if lags else 0.0,
         achieved=issued / (end - start) if end > start else 0.0,
+        cpu_share=cpu_share,
         overloaded=overloaded,
         gc_full=[s for g, s in gc_pauses.pauses if g == 2],
         gc_young_max=max(young, default=0.0),
@@ -269,6 +273,7 @@ def results(windows: Sequence[Window], rates: Sequence[float]) -> Results:
         for name in STATS:
             out[_key(rate, name)] = w.latency[name] * 1e3
         out[_key(rate, "achieved")] = w.achieved
+        out[_key(rate, "cpu_share")] = w.cpu_share
         out[_key(rate, "overloaded")] = float(w.overloaded)
         out[_key(rate, "lag_p99")] = w.lag_p99 * 1e3
         out[_key(rate, "lag_max")] = w.lag_max * 1e3
@@ -367,18 +372,21 @@ def markdown_table(outcome: Outcome, params: Params) -> str:
         f"{subject} achieved",
         f"{subject} full GCs / longest (ms)",
         f"{subject} generator lag p99 / max (ms)",
+        "CPU share (" + " / ".join(names) + ")",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rate in _rates(outcome, params):
         achieved = _median(outcome, subject, _key(rate, "achieved"))
         lag99 = _median(outcome, subject, _key(rate, "lag_p99"))
         lagmax = _median(outcome, subject, _key(rate, "lag_max"))
+        shares = [_median(outcome, n, _key(rate, "cpu_share")) for n in names]
         cells = [
             f"{rate / 1000:g}k/s",
             *(_cell(outcome, n, rate) for n in names),
             "-" if achieved is None else f"{achieved / 1000:.1f}k/s",
             _gc_cell(outcome, subject, rate),
             "-" if lag99 is None or lagmax is None else f"{lag99:.2f} / {lagmax:.2f}",
+            " / ".join("-" if x is None else f"{x:.0%}" for x in shares),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     knees = [

@@ -45,6 +45,7 @@ def test_a_window_delivers_every_arrival_and_orders_its_percentiles(opener: Open
     assert 0 < latency["p50"] <= latency["p99"] <= latency["p99.9"] <= latency["max"]
     assert 0 <= window.lag_p99 <= window.lag_max
     assert window.achieved > 0
+    assert window.cpu_share > 0
 
 
 def test_collections_during_a_window_are_timed_by_generation() -> None:
@@ -101,6 +102,7 @@ def _window(rate: float, p99: float, overloaded: bool = False) -> w4.Window:
         lag_p99=0.0,
         lag_max=0.0,
         achieved=rate,
+        cpu_share=1.0,
         overloaded=overloaded,
         gc_full=[],
         gc_young_max=0.0,
@@ -150,6 +152,7 @@ def test_the_report_has_a_row_per_rate_and_a_chart(tmp_path: Path) -> None:
     assert rows[3].startswith("| 4k/s | ")
     assert "overloaded" in rows[3]
     assert "overloaded" not in rows[1]
+    assert rows[0].endswith("| CPU share (mcs / trio floor / channel+Event) |")
     assert "Knee" in table
     written = w4.sweep_report([outcome], params, tmp_path, print)
     assert written == [tmp_path / "w4_latency.md", tmp_path / "w4_latency.png"]
