@@ -398,7 +398,9 @@ def markdown_table(outcome: Outcome, params: Params) -> str:
 
 
 def plot(outcome: Outcome, params: Params, path: Path) -> str | None:
-    """Latency (p50, p99, p99.9, max) against offered rate; None, or why it was not drawn."""
+    """Latency against offered rate, the variants side by side: p99 and p50 in one panel,
+    p99.9 and max in the other; a ringed point is an overloaded window (it stopped early).
+    Returns None, or why nothing was drawn."""
     try:
         import matplotlib
     except ImportError:
@@ -409,41 +411,52 @@ def plot(outcome: Outcome, params: Params, path: Path) -> str | None:
     names = _variants(outcome)
     if not names:
         return "W4 measured nothing; no chart written"
-    fig, axes = plt.subplots(1, len(names), figsize=(5.0 * len(names), 4.2), sharey=True)
-    axes = [axes] if len(names) == 1 else list(axes)
-    for ax, name in zip(axes, names, strict=True):
-        rates = [r for r in _rates(outcome, params) if _measured(outcome, name, r)]
-        for stat, style in zip(STATS, ("-o", "-s", "-^", ":x"), strict=True):
-            ys = [_median(outcome, name, _key(r, stat)) or math.nan for r in rates]
-            ax.plot([r / 1000 for r in rates], ys, style, label=stat, markersize=4)
-        overloaded = [
-            r
-            for r in _rates(outcome, params)
-            if _median(outcome, name, _key(r, "overloaded")) is not None
-            and not _measured(outcome, name, r)
-        ]
-        if overloaded:
-            ax.axvspan(min(overloaded) / 1000, max(params.sweep_rates) / 1000, color="0.9")
-            ax.annotate(
-                "overloaded",
-                (min(overloaded) / 1000, 0.98),
-                xycoords=("data", "axes fraction"),
-                fontsize=8,
-                va="top",
-            )
+    colors = ["tab:blue", "tab:gray", "tab:orange", "tab:green"]
+    panels = ((("p99", "-"), ("p50", ":")), (("p99.9", "-"), ("max", ":")))
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.4), sharey=True)
+    for ax, stats in zip(axes, panels, strict=True):
+        for name, color in zip(names, colors, strict=False):
+            rates = [
+                r
+                for r in _rates(outcome, params)
+                if _median(outcome, name, _key(r, "p99")) is not None
+            ]
+            xs = [r / 1000 for r in rates]
+            for stat, style in stats:
+                ys = [_median(outcome, name, _key(r, stat)) or math.nan for r in rates]
+                ax.plot(xs, ys, style, color=color, marker="o", markersize=3.5)
+                hot = [i for i, r in enumerate(rates) if not _measured(outcome, name, r)]
+                ax.scatter(
+                    [xs[i] for i in hot],
+                    [ys[i] for i in hot],
+                    s=70,
+                    facecolors="none",
+                    edgecolors="black",
+                    linewidths=0.8,
+                )
+            ax.plot([], [], "-", color=color, label=name)
         for bound in (1.0, 2.0):
             ax.axhline(bound, linestyle="--", linewidth=0.8, color="tab:red")
         ax.set_yscale("log")
         ax.set_xlim(0, max(params.sweep_rates) / 1000 * 1.03)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("offered rate (k req/s, Poisson)")
+        ax.set_title(f"{stats[0][0]} (solid) and {stats[1][0]} (dotted)", fontsize=10)
+        ax.set_xlabel("offered rate (k req/s, Poisson arrivals)")
         ax.grid(True, which="both", linewidth=0.3)
     axes[0].set_ylabel("latency from scheduled arrival (ms)")
+    axes[0].plot(
+        [],
+        [],
+        "o",
+        markersize=8,
+        markerfacecolor="none",
+        color="black",
+        label="overloaded (stopped)",
+    )
     axes[0].legend(fontsize=8, loc="upper left")
     runs = max(len(outcome.runs.get(n, [])) for n in names)
     fig.suptitle(
-        f"W4: open-loop latency vs offered rate, one core, {params.sweep_seconds:g} s per rate "
-        f"(medians of {runs} run(s); dashed: 1 and 2 ms)",
+        f"W4: open-loop latency vs offered rate on one core, {params.sweep_seconds:g} s per rate, "
+        f"medians of {runs} run(s); dashed red: 1 and 2 ms",
         fontsize=10,
     )
     fig.tight_layout()
