@@ -28,6 +28,7 @@ The knee is the highest offered rate up to which every rate of the sweep kept p9
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import random
@@ -468,7 +469,8 @@ def plot(outcome: Outcome, params: Params, path: Path) -> str | None:
 def sweep_report(
     outcomes: Sequence[Outcome], params: Params, out: Path, log: Callable[[str], None]
 ) -> list[Path]:
-    """If W4 ran: print its sweep table, write w4_latency.{md,png} under ``out``."""
+    """If W4 ran: print its sweep table, write w4_latency.{md,json,png} under ``out`` (the JSON
+    holds every run's numbers per rate)."""
     written: list[Path] = []
     for outcome in outcomes:
         if outcome.workload.key != W4.key or not _variants(outcome):
@@ -479,6 +481,12 @@ def sweep_report(
         md = out / "w4_latency.md"
         md.write_text(table + "\n", encoding="utf-8")
         written.append(md)
+        js = out / "w4_latency.json"
+        runs = {name: outcome.runs[name] for name in _variants(outcome)}
+        js.write_text(
+            json.dumps({"params": params.__dict__, "runs": runs}, indent=1) + "\n", encoding="utf-8"
+        )
+        written.append(js)
         png = out / "w4_latency.png"
         problem = plot(outcome, params, png)
         if problem is None:

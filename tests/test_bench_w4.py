@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import os
 import sys
 import time
@@ -155,7 +156,10 @@ def test_the_report_has_a_row_per_rate_and_a_chart(tmp_path: Path) -> None:
     assert rows[0].endswith("| CPU share (mcs / trio floor / channel+Event) |")
     assert "Knee" in table
     written = w4.sweep_report([outcome], params, tmp_path, print)
-    assert written == [tmp_path / "w4_latency.md", tmp_path / "w4_latency.png"]
+    assert written == [tmp_path / f"w4_latency.{ext}" for ext in ("md", "json", "png")]
+    saved = json.loads((tmp_path / "w4_latency.json").read_text())
+    assert saved["params"]["sweep_rates"] == [1_000.0, 2_000.0, 4_000.0]
+    assert saved["runs"]["mcs"][0]["p99@1000"] == outcome.runs["mcs"][0]["p99@1000"]
     assert (tmp_path / "w4_latency.png").read_bytes().startswith(b"\x89PNG")
 
 
