@@ -453,7 +453,7 @@ def plot(outcome: Outcome, params: Params, path: Path) -> str | None:
         color="black",
         label="overloaded (stopped)",
     )
-    axes[0].legend(fontsize=8, loc="upper left")
+    axes[0].legend(fontsize=8, loc="lower right")
     runs = max(len(outcome.runs.get(n, [])) for n in names)
     fig.suptitle(
         f"W4: open-loop latency vs offered rate on one core, {params.sweep_seconds:g} s per rate, "
