@@ -100,7 +100,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="fewer runs and shorter latency/memory workloads (under a minute)",
+        help="fewer runs, shorter memory and demo workloads, W4 rates offered for 1 s each",
     )
     parser.add_argument(
         "--only",
