@@ -13,9 +13,10 @@ What keeps the measurement honest:
   the generator task only compares the clock with the next arrival and starts what is due. It
   never sleeps through an arrival (``trio.sleep`` wakes on the loop's millisecond timer, which
   would turn arrivals into 1 ms bursts): when the next arrival is near it yields with one
-  checkpoint per scheduler pass. Its own lag (start of the task minus scheduled arrival) is
-  reported separately;
-- **no collection before a window**: the cyclic collector runs when it runs; every collection is
+  checkpoint per scheduler pass. Its own lag (when it calls ``start_soon`` minus the scheduled
+  arrival) is reported separately;
+- **no collection before a window** (the harness collects once before a variant's whole sweep):
+  the cyclic collector runs when it runs; every collection is
   timed through ``gc.callbacks``, and the longest full (generation 2) pause is reported per rate;
 - **one core**: the process is pinned to one CPU (``os.sched_setaffinity``) while it measures;
 - **overload is reported, not averaged away**: once the backlog exceeds 0.5 s of arrivals the
