@@ -16,9 +16,11 @@ What keeps the measurement honest:
   checkpoint per scheduler pass. Its own lag (when it calls ``start_soon`` minus the scheduled
   arrival) is reported separately;
 - **no collection before a window** (the harness collects once before a variant's whole sweep):
-  the cyclic collector runs when it runs; every collection is
-  timed through ``gc.callbacks``, and the longest full (generation 2) pause is reported per rate;
-- **one core**: the process is pinned to one CPU (``os.sched_setaffinity``) while it measures;
+  the cyclic collector runs when it runs; every collection is timed through ``gc.callbacks``,
+  and the longest full (generation 2) pause is reported per rate;
+- **one core**: the process is pinned to one CPU (``os.sched_setaffinity``, the allowed CPU
+  idle longest just before) while it measures, and each window reports the CPU share it got
+  (process time / wall time: on a shared machine, the share other processes left it);
 - **overload is reported, not averaged away**: once the backlog exceeds 0.5 s of arrivals the
   window stops offering load and the rate is marked overloaded; higher rates are then skipped.
 
