@@ -10,13 +10,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from . import w1_batcher, w2_graph3, w3_deps_tree, w5_demo, w8_autoscale
+from . import w1_batcher, w2_graph3, w3_deps_tree, w4_latency, w5_demo, w8_autoscale
 from ._harness import Params, Workload, run_workloads, text_report, write_reports
 
 ALL_WORKLOADS: tuple[Workload, ...] = (
     *w1_batcher.WORKLOADS,
     *w2_graph3.WORKLOADS,
     *w3_deps_tree.WORKLOADS,
+    *w4_latency.WORKLOADS,
     *w5_demo.WORKLOADS,
     *w8_autoscale.WORKLOADS,
 )
@@ -100,7 +101,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="fewer runs and shorter latency/memory workloads (under a minute)",
+        help="fewer runs, shorter memory and demo workloads, W4 rates offered for 1 s each",
     )
     parser.add_argument(
         "--only",
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = args.runs if args.runs is not None else (QUICK_RUNS if args.quick else DEFAULT_RUNS)
     params = Params()
     if args.quick:
-        params = replace(params, latency_seconds=0.3, memory_callers=10_000)
+        params = replace(params, latency_seconds=0.3, memory_callers=10_000, sweep_seconds=1.0)
     command = shlex.join(["python", "-m", "bench", *argv])
 
     started = time.perf_counter()
@@ -143,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(f"all runs took {time.perf_counter() - started:.1f} s\n")
     print(text_report(outcomes, runs))
     written = write_reports(outcomes, params, runs, args.out, command, GO_REFERENCE, _log)
+    written += w4_latency.sweep_report(outcomes, params, args.out, _log)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
 

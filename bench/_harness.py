@@ -47,15 +47,24 @@ class Params:
     """The sizes of the workloads; the defaults are the ones the targets are stated for."""
 
     requests: int = 20_000  # concurrent requests in W1 and W2
-    latency_rate: float = 50_000.0  # offered arrivals per second in W1-latency
-    latency_seconds: float = 2.0  # how long arrivals are offered in W1-latency
+    latency_seconds: float = 2.0  # how long the demo (W5) offers load; shorter with --quick
+    sweep_rates: tuple[float, ...] = (10e3, 20e3, 40e3, 60e3, 80e3, 100e3, 120e3, 150e3)  # W4
+    sweep_seconds: float = 10.0  # W4: how long each rate is offered
     memory_callers: int = 100_000  # parked callers in W1-memory
     tree_layers: int = 4  # W3: layers below the root
     tree_fanout: int = 10  # W3: dependencies per inner node
 
     def for_warmup(self) -> Params:
         """Small sizes, to import and exercise every code path once before timing."""
-        return replace(self, requests=500, latency_seconds=0.05, memory_callers=500, tree_layers=2)
+        return replace(
+            self,
+            requests=500,
+            latency_seconds=0.05,
+            memory_callers=500,
+            tree_layers=2,
+            sweep_rates=(10e3,),
+            sweep_seconds=0.05,
+        )
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,12 @@
-"""W1: one batcher under many concurrent callers (throughput, open-loop latency, memory).
+"""W1: one batcher under many concurrent callers (throughput, memory).
 
 Every batch_fn here is one ``trio.lowlevel.checkpoint()`` and a list comprehension, so what is
-measured is the library's own cost per call, not a downstream's. Three shapes:
+measured is the library's own cost per call, not a downstream's. Two shapes (open-loop latency
+is W4's sweep, :mod:`bench.w4_latency`, over the same three implementations):
 
 - **W1**: 20,000 request tasks start at once; each makes one call. Compared with the Trio floor
   (20,000 tasks that each do one checkpoint and nothing else) and with the obvious
   channel+Event batcher of :mod:`bench.baselines`.
-- **W1-latency**: requests arrive open-loop on a fixed schedule (50k/s); each records the time
-  from its *scheduled* arrival to its result, so any lag of the scheduler or of the generator
-  counts against the library, as it would for a real client.
 - **W1-memory**: 100,000 callers parked in a batcher whose batch_fn is blocked, against 100,000
   tasks parked on one ``trio.Event``: the difference is what the batcher holds per caller.
 """
@@ -26,7 +24,6 @@ import trio
 import trio.testing
 
 import mcs
-from mcs._util import nearest_rank
 
 from ._harness import Metric, Params, Results, Target, Variant, Workload
 from .baselines import open_channel_batcher
@@ -111,71 +108,6 @@ W1 = Workload(
 )
 
 
-# ---------------------------------------------------------------------------------- W1-latency
-
-
-def _latency(opener: Opener, params: Params) -> Results:
-    rate = params.latency_rate
-    total = max(1, round(rate * params.latency_seconds))
-    interval = 1.0 / rate
-    latencies: list[float] = []
-    last_done = [0.0]
-
-    async def request(call: Call, i: int, scheduled: float) -> None:
-        await call(i)
-        now = trio.current_time()
-        latencies.append(now - scheduled)
-        last_done[0] = now
-
-    async def main() -> float:
-        async with opener() as call, trio.open_nursery() as nursery:
-            start = trio.current_time()
-            i = 0
-            while i < total:
-                # Start every request whose arrival time has come; when behind, in a burst.
-                due = min(total, int((trio.current_time() - start) * rate) + 1)
-                while i < due:
-                    nursery.start_soon(request, call, i, start + i * interval)
-                    i += 1
-                if i < total:
-                    await trio.sleep_until(start + i * interval)
-        return last_done[0] - start
-
-    elapsed = trio.run(main)
-    if len(latencies) != total:
-        raise AssertionError("lost requests")
-    latencies.sort()
-    return {
-        "p99": nearest_rank(latencies, 0.99) * 1e3,
-        "rate": total / elapsed,
-        "p50": nearest_rank(latencies, 0.50) * 1e3,
-        "max": latencies[-1] * 1e3,
-    }
-
-
-W1_LATENCY = Workload(
-    key="W1-latency",
-    title="open-loop latency",
-    description=(
-        "requests arrive on a fixed schedule at 50,000/s for 2 s on one core (the generator "
-        "catches up in bursts when behind); latency = result time - scheduled arrival; "
-        "batch_fn = checkpoint + list comprehension."
-    ),
-    metrics=(
-        Metric("p99", "p99", "ms", higher_is_better=False),
-        Metric("rate", "achieved", "req/s", higher_is_better=True),
-        Metric("p50", "p50", "ms", higher_is_better=False),
-        Metric("max", "max", "ms", higher_is_better=False),
-    ),
-    variants=(
-        Variant("mcs", lambda p: _latency(open_mcs, p)),
-        Variant("trio floor", lambda p: _latency(open_floor, p)),
-        Variant("channel+Event", lambda p: _latency(open_channel, p)),
-    ),
-    targets=(Target("mcs", "p99", "<", 2.0),),
-)
-
-
 # ---------------------------------------------------------------------------------- W1-memory
 
 GatedOpener = Callable[[trio.Event], AbstractAsyncContextManager[Call]]
@@ -251,4 +183,4 @@ W1_MEMORY = Workload(
     max_runs=2,  # tracemalloc counts are deterministic here: two runs show they repeat
 )
 
-WORKLOADS = (W1, W1_LATENCY, W1_MEMORY)
+WORKLOADS = (W1, W1_MEMORY)
