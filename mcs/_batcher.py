@@ -129,7 +129,7 @@ class Batcher(Generic[K, V]):
         max_wait: float = 0.0,
         max_in_flight: int = 1,
         rate: RateLimit | None = None,
-        queue_size: int | float = 10_000,
+        queue_size: int | float = 100_000,
         overload: Literal["block", "reject"] = "block",
         dedupe: bool = False,
         key: Callable[[K], Hashable] | None = None,

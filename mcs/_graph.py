@@ -70,6 +70,8 @@ from ._node import (
     _FINISHED,
     Node,
     _ApplyNode,
+    _ApplyOne,
+    _ApplyTwo,
     _outcome_name,
     _SpawnNode,
 )
@@ -323,7 +325,17 @@ class Graph(GraphCore):
             self._refuse()
         if _is_async_function(fn) or not callable(fn):
             raise TypeError(f"apply needs a sync function (use spawn for async ones), got {fn!r}")
-        node: Node[T] = _ApplyNode(self, name or _name_of(fn), fn, args, kwargs or None)
+        name = name or _name_of(fn)
+        node: Node[T]
+        if kwargs or len(args) > 2:
+            node = _ApplyNode(self, name, fn, args, kwargs or None)
+        elif len(args) == 2:  # arguments in slots: no tuple of nodes kept per request
+            node = _ApplyTwo(self, name, fn, args[0], None)
+            node._arg1 = args[1]  # type: ignore[attr-defined]
+        elif args:
+            node = _ApplyOne(self, name, fn, args[0], None)
+        else:
+            node = _ApplyNode(self, name, fn, (), None)
         try:
             self._add(node, after)
             return node

@@ -32,6 +32,8 @@ from ._node import (
     _RUNNING,
     _VALUE,
     Node,
+    _ApplyOne,
+    _ApplyTwo,
     _SpawnNode,
     _substitute,
 )
@@ -186,7 +188,7 @@ class GraphCore:
 
     # A user function that raises leaves a traceback whose frames keep their callers' frames
     # (f_back) and, once those return, their locals. So every function that can be on the
-    # stack under an apply function (_add, _run_ready, _run_apply, _resolve, Node's delivery,
+    # stack under an apply function (_add, _run_ready, _run_apply, Node._deliver_value,
     # Graph.apply) deletes its locals before returning: a local left holding the graph or a
     # node would make a cycle node -> error -> traceback -> frame -> node.
 
@@ -232,47 +234,46 @@ class GraphCore:
         node._node_state = _RUNNING
         node.start = now
         fn: Callable[..., Any] = node._fn
-        args = [_substitute(arg) for arg in node._args]
         task = self._task
         assert task is not None
-        if current_task() is not task:  # another task: run in the request's context, as the
-            args.insert(0, fn)  # request would (the request task is in it already)
-            fn = task.context.run
+        cls = type(node)
+        first: Any = None
+        second: Any = None
+        args: Any = None
+        value: Any = None
         try:
-            if node._kwargs:
-                value = fn(*args, **{k: _substitute(v) for k, v in node._kwargs.items()})
+            if cls is _ApplyTwo:  # the common shapes first: no argument list to build
+                first, second = node._args, node._arg1  # type: ignore[attr-defined]
+                if isinstance(first, Node):
+                    first = first._value
+                if isinstance(second, Node):
+                    second = second._value
+                if current_task() is task:
+                    value = fn(first, second)
+                else:  # another task: run in the request's context, as the request would
+                    value = task.context.run(fn, first, second)
+            elif cls is _ApplyOne:
+                first = _substitute(node._args)
+                if current_task() is task:
+                    value = fn(first)
+                else:
+                    value = task.context.run(fn, first)
             else:
-                value = fn(*args)
+                args = [_substitute(arg) for arg in node._args]
+                if current_task() is not task:
+                    args.insert(0, fn)
+                    fn = task.context.run
+                if node._kwargs:
+                    value = fn(*args, **{k: _substitute(v) for k, v in node._kwargs.items()})
+                else:
+                    value = fn(*args)
         except BaseException as exc:  # it runs on someone else's task: never let it escape
             self._fail(node, exc, original_traceback(exc), now)
         else:
-            self._resolve(node, value, now)
+            node._deliver_value(value, now)
         finally:
-            del self, node, fn, args, task
-
-    def _resolve(self, node: Node[Any], value: Any, now: float) -> None:
-        node._value = value
-        node._node_state = _FINISHED
-        node.end = now
-        self._finished(node)
-        dependents = node._dependents
-        if dependents is None:
-            return
-        node._dependents = None
-        try:
-            if isinstance(dependents, list):
-                for dependent in dependents:
-                    dependent._unresolved -= 1
-                    if dependent._unresolved == 0:
-                        self._push_ready(dependent)
-                del dependent
-            else:
-                dependents._unresolved -= 1
-                if dependents._unresolved == 0:
-                    self._push_ready(dependents)
-            self._run_ready(now)
-        finally:
-            del self, node, value, dependents
+            del self, node, fn, task
+            first = second = args = value = None
 
     def _fail(
         self, node: Node[Any], error: BaseException, tb: TracebackType | None, now: float
@@ -297,9 +298,13 @@ class GraphCore:
             node._wake_waiters()
         self._unfinished -= 1
         if self._unfinished == 0:
-            self._wake_exit()
-            if self._closing and self._host is not None:
-                self._host.wake()
+            self._all_finished()
+
+    def _all_finished(self) -> None:
+        """The last unfinished node finished: wake whoever waits for the graph's end."""
+        self._wake_exit()
+        if self._closing and self._host is not None:
+            self._host.wake()
 
     def _cancel(self, node: Node[Any], now: float) -> None:
         """Stop an unfinished node; a running spawned node finishes when its task does."""

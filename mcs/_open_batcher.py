@@ -34,7 +34,7 @@ async def open_batcher(
     max_wait: float = 0.0,
     max_in_flight: int = 1,
     rate: RateLimit | None = None,
-    queue_size: int | float = 10_000,
+    queue_size: int | float = 100_000,
     overload: Literal["block", "reject"] = "block",
     dedupe: bool = False,
     key: Callable[[K], Hashable] | None = None,
@@ -57,7 +57,8 @@ async def open_batcher(
             fill; 0 (the default) sends whatever is queued as soon as a slot is free.
         max_in_flight: how many batch_fn calls may run at once; settable later on the batcher.
         rate: a :class:`mcs.RateLimit` on batch_fn calls (or items), or None.
-        queue_size: how many accepted items may wait for a batch (``math.inf`` for no bound).
+        queue_size: how many accepted items may wait for a batch (``math.inf`` for no bound);
+            the default, 100,000, is above the concurrency of an ordinary busy service.
         overload: what a call does when the queue is full: ``"block"`` waits for room,
             ``"reject"`` raises :exc:`mcs.Overloaded` at once and queues nothing.
         dedupe: send an item equal to one already queued or in flight only once: the later

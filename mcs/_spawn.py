@@ -207,7 +207,7 @@ async def _run_spawned(graph: Graph, node: _SpawnNode[Any]) -> None:
         else:
             graph._fail(node, exc, original_traceback(exc), now)
     else:
-        graph._resolve(node, value, trio.current_time())
+        node._deliver_value(value, trio.current_time())
     finally:
         # This frame is on the error's traceback: hold nothing that leads back to the error.
         del graph, node, fn, args, kwargs
