@@ -341,13 +341,18 @@ class Batcher(Generic[K, V]):
                 del refusal
         if self._dedupe:
             self._enter_shared(request)
-        elif intake.accept(request):
-            dispatcher = self._dispatcher  # _Dispatcher.item_arrived, inlined: once per item
+        elif intake.queued < intake.queue_size and not intake.waiting_for_room:
+            request.state = _QUEUED  # _Intake.accept, inlined: once per item
+            intake.queue.append(request)
+            intake.queued += 1
+            dispatcher = self._dispatcher  # _Dispatcher.item_arrived, inlined
             waiting_for = dispatcher.waiting_for
             if waiting_for == _FOR_ITEMS or (
                 waiting_for == _FOR_FILL and intake.queued >= dispatcher.batch_cap
             ):
                 dispatcher.wake()
+        else:
+            intake.accept(request)  # to the room queue
 
     def _enter_shared(self, request: _Request[K, V]) -> None:
         """dedupe: join the equal item already queued or in flight, or queue a new shared one.

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import inspect
 import types
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Generator, Hashable, Iterable
 from threading import get_ident
 from types import TracebackType
 from typing import Any, Final, TypeVar, overload
@@ -62,12 +62,13 @@ from trio.lowlevel import (
 )
 
 from ._batcher import Batcher
-from ._graph_core import _CLOSED, _NEW, _OPEN, GraphCore, GraphPhase, _ShortExit
+from ._graph_core import _CLOSED, _ENTERING, _EXITING, _IDLE, _NEW, _OPEN, GraphCore, GraphPhase
 from ._graph_many import _ManyNode
 from ._memo import NO_KEY, memo_add, memo_drop, memo_find, memo_key
 from ._node import (
     _ERROR,
     _FINISHED,
+    _RUNNING,
     Node,
     _ApplyNode,
     _ApplyOne,
@@ -167,7 +168,7 @@ class Graph(GraphCore):
             raise TypeError(f"batcher must be a mcs.Batcher, got {batcher!r}")
         if after or isinstance(item, Node):
             node: Node[V] = Node(self, name or batcher.name, batcher, item, None)
-            self._add(node, after)
+            self._add(node, after, None if after else (item,))  # type: ignore[arg-type]
             return node
         # The common case, kept short: no dependencies.
         key = memo_key(batcher, item) if self._memo_on else NO_KEY
@@ -180,9 +181,17 @@ class Graph(GraphCore):
             memo_add(self, batcher, key, node)
         if self._stopped:
             self._add(node, after)
-        else:
-            self._append(node)
-            self._start_call(node, trio.current_time())
+            return node
+        node._previous = self._last  # GraphCore._append and _start_call, inlined
+        self._last = node
+        self._unfinished += 1
+        node._node_state = _RUNNING
+        node.start = node.t0 = now = trio.current_time()
+        node.item = item
+        try:
+            batcher._submit_nowait(node)
+        except Exception as exc:  # as in GraphCore._start_call
+            self._fail(node, exc.with_traceback(None), None, now)
         return node
 
     def call_many(
@@ -327,20 +336,34 @@ class Graph(GraphCore):
             raise TypeError(f"apply needs a sync function (use spawn for async ones), got {fn!r}")
         name = name or _name_of(fn)
         node: Node[T]
+        deps: tuple[Node[Any], ...] | None = None  # worked out here for the common shapes
         if kwargs or len(args) > 2:
             node = _ApplyNode(self, name, fn, args, kwargs or None)
         elif len(args) == 2:  # arguments in slots: no tuple of nodes kept per request
-            node = _ApplyTwo(self, name, fn, args[0], None)
-            node._arg1 = args[1]  # type: ignore[attr-defined]
+            first, second = args
+            node = _ApplyTwo(self, name, fn, first, None)
+            node._arg1 = second
+            if not after:
+                if isinstance(first, Node):
+                    deps = (
+                        (first, second)
+                        if isinstance(second, Node) and second is not first
+                        else (first,)
+                    )
+                else:
+                    deps = (second,) if isinstance(second, Node) else ()
+            del first, second
         elif args:
             node = _ApplyOne(self, name, fn, args[0], None)
+            if not after:
+                deps = (args[0],) if isinstance(args[0], Node) else ()
         else:
             node = _ApplyNode(self, name, fn, (), None)
         try:
-            self._add(node, after)
+            self._add(node, after, deps)
             return node
         finally:  # on the stack under fn when it runs at once: see GraphCore._run_ready
-            del self, node, args, kwargs, after
+            del self, node, args, kwargs, after, deps
 
     def spawn(
         self,
@@ -386,7 +409,7 @@ class Graph(GraphCore):
 
     # ------------------------------------------------------------------ the block
 
-    async def __aenter__(self) -> Graph:
+    def __aenter__(self) -> Awaitable[Graph]:
         if self._phase != _NEW:
             raise RuntimeError(f"graph {self.name!r} was already entered; open a new one")
         try:
@@ -407,7 +430,8 @@ class Graph(GraphCore):
             self._entry_status = self._task._cancel_status
         else:
             self._deadline = trio.current_effective_deadline()
-        return self
+        self._step = _ENTERING
+        return self  # awaiting it gives the graph: no coroutine of our own per request
 
     @enable_ki_protection
     def __aexit__(
@@ -417,15 +441,75 @@ class Graph(GraphCore):
         tb: TracebackType | None,
     ) -> Awaitable[bool | None]:
         if exc is None and self._unfinished and self._scope is None and self._host is None:
-            # The common case, with no coroutine of our own (a GC-tracked object per live
-            # request): park the request task directly. Whoever finishes the last node
-            # completes the exit (GraphCore._wake_exit); a cancellation is handed back to this
-            # task to carry out (_ShortExit).
+            # The short exit, the common case: the graph is the awaitable (no coroutine of our
+            # own, a GC-tracked object per live request) and parks the request task directly.
+            # Whoever finishes the last node completes the exit (GraphCore._wake_exit); a
+            # cancellation is handed back to this task to carry out (GraphCore.__call__).
             self._closing = True
-            self._short_exit = short_exit = _ShortExit(self)
             self._exit_waiter = current_task()
-            return park(short_exit)
+            self._step = _EXITING
+            return self
         return self._exit(exc)
+
+    # The graph as its own awaitable, for the two awaits of ``async with`` (entry, short exit)
+    # only: an iterator that delegates to trio's public park, and raises the block's error
+    # itself once trio's frame has returned, so that no trio frame holding the graph (its
+    # abort callback) ends up on the error's traceback.
+
+    @enable_ki_protection
+    def __await__(self) -> Generator[Any, Any, Any]:
+        if self._step == _IDLE:
+            raise TypeError(
+                f"graph {self.name!r} cannot be awaited: use 'async with mcs.open_graph() as g'"
+            )
+        return self  # type: ignore[return-value]
+
+    @enable_ki_protection
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    @enable_ki_protection
+    def send(self, value: Any) -> Any:
+        """Step the entry or the short exit (the await protocol; not for users)."""
+        if self._step == _ENTERING:
+            self._step = _IDLE
+            raise StopIteration(self)
+        parked = self._parked
+        if parked is None:
+            parked = self._parked = park(self)  # type: ignore[assignment]
+        try:
+            return parked.send(value)  # type: ignore[union-attr]
+        except StopIteration:
+            pass
+        self._parked = parked = value = None
+        try:
+            self._exit_resumed()
+        finally:
+            del self  # this frame is on the raised error's traceback
+        raise StopIteration
+
+    def throw(self, error: BaseException, *_: object) -> Any:
+        """The await protocol: raise ``error`` where the exit is parked (not for users)."""
+        parked = self._parked
+        if parked is None:
+            raise error
+        try:
+            return parked.throw(error)
+        except StopIteration:
+            pass
+        self._parked = parked = None
+        del error
+        try:
+            self._exit_resumed()
+        finally:
+            del self
+        raise StopIteration
+
+    def close(self) -> None:
+        """The await protocol: the request's coroutine is closed (not for users)."""
+        parked, self._parked = self._parked, None
+        if parked is not None:
+            parked.close()
 
     @enable_ki_protection
     async def _exit(self, exc: BaseException | None) -> bool:

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import AsyncGenerator, Callable, Generator, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
-import outcome
 import trio
 from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, enable_ki_protection
 
@@ -37,7 +36,7 @@ from ._node import (
     _SpawnNode,
     _substitute,
 )
-from ._park import original_traceback, wake, wake_with, wake_with_error
+from ._park import original_traceback, reraise, wake
 from ._spawn import _DONE as _HOST_DONE
 from ._spawn import SpawnHost
 
@@ -55,6 +54,11 @@ class GraphPhase(enum.IntEnum):
 _NEW: Final = GraphPhase.NEW
 _OPEN: Final = GraphPhase.OPEN
 _CLOSED: Final = GraphPhase.CLOSED
+
+# What awaiting the graph means (GraphCore._step): nothing, entering its block, or the short exit.
+_IDLE: Final = 0
+_ENTERING: Final = 1
+_EXITING: Final = 2
 
 
 class GraphCore:
@@ -74,12 +78,13 @@ class GraphCore:
         "_memo",
         "_memo_count",
         "_memo_on",
+        "_parked",
         "_phase",
         "_raise_cancel",
         "_ready",
         "_scope",
-        "_short_exit",
         "_starting",
+        "_step",
         "_stopped",
         "_task",
         "_thread",
@@ -112,8 +117,10 @@ class GraphCore:
         self._scope: trio.CancelScope | None = None
         self._host: SpawnHost | None = None
         self._closing = False  # the block's body is done: no more nodes from it
-        # Set while the request task is parked in the coroutine-free exit (see _graph.py).
-        self._short_exit: _ShortExit | None = None
+        # The graph is its own awaitable for the block's entry and its common exit (see
+        # _graph.py): which of the two it is (_step), and trio's park while it exits.
+        self._step = _IDLE
+        self._parked: Coroutine[Any, Any, Any] | None = None
         self._raise_cancel: RaiseCancelT | None = None  # its cancellation, once aborted
         self._cancelled_all = False
         # Captured at entry: the request task (its context too) and the thread of its run.
@@ -139,9 +146,15 @@ class GraphCore:
         nodes.reverse()
         return nodes
 
-    def _add(self, node: Node[Any], after: Iterable[Node[Any]]) -> None:
-        """Link ``node`` to its dependencies, and start it if none is pending."""
-        doomed = self._link(node, after)
+    def _add(
+        self,
+        node: Node[Any],
+        after: Iterable[Node[Any]],
+        deps: Sequence[Node[Any]] | None = None,
+    ) -> None:
+        """Link ``node`` to its dependencies, and start it if none is pending. ``deps``, when
+        the caller knows them (distinct, no ``after``), saves working them out."""
+        doomed = self._link(node, after, deps)
         try:
             if doomed:
                 self._cancel(node, trio.current_time())
@@ -151,7 +164,9 @@ class GraphCore:
         finally:
             del self, node, after
 
-    def _link(self, node: Node[Any], after: Iterable[Node[Any]]) -> bool:
+    def _link(
+        self, node: Node[Any], after: Iterable[Node[Any]], deps: Sequence[Node[Any]] | None
+    ) -> bool:
         """Add ``node`` to the graph and to its dependencies' dependents; True if one of them
         failed or was cancelled (or the graph was), so that the node can never run."""
         if after:
@@ -159,7 +174,8 @@ class GraphCore:
             for dep in node._after:
                 if not isinstance(dep, Node):
                     raise TypeError(f"after must hold nodes, got {dep!r}")
-        deps = node._dependencies()
+        if deps is None:
+            deps = node._dependencies()
         for dep in deps:
             if dep._graph is not self:
                 raise ValueError(f"node {dep.name!r} belongs to another graph")
@@ -374,28 +390,61 @@ class GraphCore:
         task = self._exit_waiter
         if task is None:
             return
-        short_exit = self._short_exit
-        if short_exit is None:  # a waiter in __aexit__'s loop: it re-checks for itself
+        if self._step != _EXITING:  # a waiter in __aexit__'s loop: it re-checks for itself
             self._exit_waiter = None
             wake(task)
             return
         if self._unfinished or self._host_running():
             return
-        # Completing the coroutine-free exit: the graph is finished, the block ends here.
+        # Completing the short exit: the graph is finished, the block ends as the request
+        # task resumes (_exit_resumed raises what it must, in that task).
         self._exit_waiter = None
-        self._short_exit = short_exit.graph = None
-        error, tb = self._error, self._error_tb
         self._close()
+        wake(task)
+
+    def __call__(self, raise_cancel: RaiseCancelT) -> Abort:
+        """Trio's abort callback while the request task is parked in the short exit.
+
+        The graph itself, not a bound method or a callback object: either would be one more
+        GC-tracked object per live request. Only marks: the graph is cancelled by the request
+        task as it resumes (:meth:`_exit_resumed`), or, if spawned tasks must unwind first, by
+        the spawn host's task, and the last one out wakes the request task.
+        """
+        task = self._exit_waiter
+        assert task is not None
+        self._stopped = True  # nothing starts from now on
+        self._raise_cancel = raise_cancel
+        if self._host is None:
+            self._exit_waiter = None
+            wake(task)
+        else:
+            self._host.wake()
+        return Abort.FAILED
+
+    def _exit_resumed(self) -> None:
+        """The request task resumed from the short exit: end the block, in that task.
+
+        Raises the task's cancellation if it was cancelled in the exit (cancelling the graph
+        first if nothing else did), else the graph's first error, if any.
+        """
+        self._step = _IDLE
         raise_cancel, self._raise_cancel = self._raise_cancel, None
-        try:
-            if raise_cancel is not None:  # cancelled while spawned tasks were unwinding
-                wake_with(task, outcome.capture(raise_cancel))
-            elif error is None:
-                wake(task)  # __aexit__ returns None: nothing to swallow
-            else:
-                wake_with_error(task, error, tb)
-        finally:
-            del error, tb, raise_cancel
+        if raise_cancel is not None:
+            if self._phase != _CLOSED:  # nothing spawned: the graph is cancelled here
+                self._cancel_all(trio.current_time())
+                self._close()
+            del self
+            try:
+                raise_cancel()
+            finally:
+                del raise_cancel
+        error, tb = self._error, self._error_tb
+        if error is not None:
+            del self
+            try:
+                reraise(error, tb)
+            finally:
+                del error, tb
 
     def _close(self) -> None:
         self._phase = _CLOSED
@@ -405,77 +454,3 @@ class GraphCore:
         while node is not None:
             node._graph = None  # break node <-> graph cycles so the GC need not
             node = node._previous
-
-
-class _ShortExit:
-    """The abort callback of a request task parked in the coroutine-free exit.
-
-    Not a bound method of the graph: trio's frame that parks the task keeps its abort callback,
-    and when the block raises the graph's error that frame is on the error's traceback, so a
-    callback holding the graph would make a cycle graph -> node -> error -> traceback -> frame
-    -> graph. This one lets go of the graph when the exit completes.
-    """
-
-    __slots__ = ("graph",)
-
-    def __init__(self, graph: GraphCore) -> None:
-        self.graph: GraphCore | None = graph
-
-    def __call__(self, raise_cancel: RaiseCancelT) -> Abort:
-        """The request task was cancelled in the exit. Only marks: the graph is cancelled by
-        the request task as it resumes (:class:`_CancelGraph`), or, if spawned tasks must unwind
-        first, by the spawn host's task, and the last one out raises the cancellation into the
-        request task."""
-        graph = self.graph
-        assert graph is not None
-        task = graph._exit_waiter
-        assert task is not None
-        graph._stopped = True  # nothing starts from now on
-        if graph._host is None:
-            graph._exit_waiter = None
-            graph._short_exit = self.graph = None
-            wake_with(task, _CancelGraph(graph, raise_cancel))
-        else:
-            graph._raise_cancel = raise_cancel
-            graph._host.wake()
-        return Abort.FAILED
-
-
-class _CancelGraph(outcome.Outcome[NoReturn]):
-    """What wakes a request task cancelled in the coroutine-free exit: as the task resumes,
-    cancel the graph (nothing is left to wait for: it never spawned), close it, and raise the
-    task's cancellation."""
-
-    __slots__ = ("_graph", "_raise_cancel")
-
-    def __init__(self, graph: GraphCore, raise_cancel: RaiseCancelT) -> None:
-        self._unwrapped = False
-        self._graph: GraphCore | None = graph
-        self._raise_cancel: RaiseCancelT | None = raise_cancel
-
-    def unwrap(self) -> NoReturn:
-        self._set_unwrapped()
-        graph, raise_cancel = self._graph, self._raise_cancel
-        self._graph = self._raise_cancel = None
-        assert graph is not None
-        assert raise_cancel is not None
-        graph._cancel_all(trio.current_time())
-        graph._close()
-        del graph, self
-        try:
-            raise_cancel()
-        finally:
-            del raise_cancel
-        raise AssertionError("raise_cancel returned")  # pragma: no cover
-
-    def send(self, gen: Generator[Any, NoReturn, object]) -> Any:
-        try:
-            self.unwrap()
-        except BaseException as exc:
-            return gen.throw(exc)
-
-    async def asend(self, agen: AsyncGenerator[Any, NoReturn]) -> Any:
-        try:
-            self.unwrap()
-        except BaseException as exc:
-            return await agen.athrow(exc)

@@ -169,6 +169,10 @@ class SpawnHost:
         finally:
             self.nursery = None
             self._task = None
+            if graph._raise_cancel is not None and not graph._cancelled_all:
+                # Cancelled itself (the entry deadline) in the same pass as the request, whose
+                # exit left the cancelling to this task: do it on the way out.
+                graph._cancel_all(trio.current_time())
             self.phase = _DONE
             self._graph = None
             graph._host_done()
