@@ -64,7 +64,7 @@ class Metric:
 
     key: str  # the key in the variant's Results
     name: str  # how the report names it
-    unit: Literal["req/s", "ms", "B"]
+    unit: Literal["req/s", "ms", "B", "objects"]
     higher_is_better: bool
 
 
@@ -256,6 +256,8 @@ def _format(value: float, unit: str) -> str:
         return f"{value / 1000:,.1f}k req/s"
     if unit == "ms":
         return f"{value:,.3g} ms" if value < 10 else f"{value:,.1f} ms"
+    if unit == "objects":
+        return f"{value:.1f} objects"
     return f"{value:,.0f} {unit}"
 
 
