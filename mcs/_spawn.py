@@ -158,7 +158,7 @@ class SpawnHost:
                 # spawned task may spawn more.
                 while True:
                     if graph._raise_cancel is not None and not graph._cancelled_all:
-                        # The request was cancelled while parked in the coroutine-free exit:
+                        # The request was cancelled while parked in the short exit:
                         # its abort callback only marked that; the cancelling is done here.
                         graph._cancel_all(trio.current_time())
                     if graph._closing and not graph._unfinished:

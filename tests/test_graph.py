@@ -224,10 +224,10 @@ async def test_a_graph_cannot_be_awaited() -> None:
     message = r"^graph 'req' cannot be awaited: use 'async with mcs.open_graph\(\) as g'$"
     g = mcs.open_graph(name="req")
     with pytest.raises(TypeError, match=message):
-        await g  # type: ignore[misc]
+        await g
     async with g:
         with pytest.raises(TypeError, match=message):
-            await g  # type: ignore[misc]
+            await g
         node = g.apply(int, "3")
     assert node.result == 3
 
