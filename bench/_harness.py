@@ -146,7 +146,7 @@ class Outcome:
     skipped: dict[str, str] = field(default_factory=dict)  # variant -> reason
 
     def values(self, variant: str, metric: str) -> list[float]:
-        return [r[metric] for r in self.runs.get(variant, [])]
+        return [r[metric] for r in self.runs.get(variant, []) if metric in r]
 
     def median(self, variant: str, metric: str) -> float:
         return statistics.median(self.values(variant, metric))
@@ -293,7 +293,9 @@ def _rows(outcomes: Sequence[Outcome]) -> list[_Row]:
             low, high = _format(min(values), primary.unit), _format(max(values), primary.unit)
             spread = f"{low} .. {high} (n={len(values)})"
             others = ", ".join(
-                f"{m.name} {_format(outcome.median(name, m.key), m.unit)}" for m in wl.metrics[1:]
+                f"{m.name} {_format(outcome.median(name, m.key), m.unit)}"
+                for m in wl.metrics[1:]
+                if outcome.values(name, m.key)  # a metric only some variants report
             )
             versus = ""
             if name != wl.subject:
