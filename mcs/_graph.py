@@ -62,9 +62,9 @@ from trio.lowlevel import (
 )
 
 from ._batcher import Batcher
-from ._graph_core import _CLOSED, _ENTERING, _EXITING, _IDLE, _NEW, _OPEN, GraphCore, GraphPhase
+from ._graph_core import _CLOSED, _EXITING, _IDLE, _NEW, _OPEN, GraphCore, GraphPhase
 from ._graph_many import _ManyNode
-from ._memo import NO_KEY, memo_add, memo_drop, memo_find, memo_key
+from ._memo import NO_KEY, SCAN_LIMIT, memo_add, memo_drop, memo_find, memo_key
 from ._node import (
     _ERROR,
     _FINISHED,
@@ -104,11 +104,13 @@ class Graph(GraphCore):
     ) -> None:
         if timeout is not None:
             timeout = check_seconds("timeout", timeout)
-        if name is not None and not isinstance(name, str):
+        if name is None:
+            name = "graph"
+        elif not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {name!r}")
-        if not isinstance(memo, bool):
+        if memo is not True and memo is not False:
             raise TypeError(f"memo must be a bool, got {memo!r}")
-        super().__init__(timeout, name if name is not None else "graph", memo)
+        GraphCore.__init__(self, timeout, name, memo)  # once per request: no super() lookup
 
     def __repr__(self) -> str:
         phase = self._phase.name.lower()
@@ -170,15 +172,40 @@ class Graph(GraphCore):
             node: Node[V] = Node(self, name or batcher.name, batcher, item, None)
             self._add(node, after, None if after else (item,))  # type: ignore[arg-type]
             return node
-        # The common case, kept short: no dependencies.
-        key = memo_key(batcher, item) if self._memo_on else NO_KEY
-        if key is not NO_KEY:
-            found = memo_find(self, batcher, key)
-            if found is not None:
-                return found
+        # The common case, kept short: no dependencies; the memo's chain inlined (_memo.py).
+        key: Hashable = NO_KEY
+        if self._memo_on:
+            if batcher._key is None:
+                try:
+                    hash(item)
+                except TypeError:
+                    pass
+                else:
+                    key = item
+            else:
+                key = memo_key(batcher, item)
+            if key is not NO_KEY:
+                if self._memo is None:
+                    found = self._last_memo
+                    while found is not None:
+                        if found._fn is batcher:
+                            other = found._memo_key
+                            if other is key or other == key:
+                                return found
+                        found = found._memo_previous
+                else:
+                    found = memo_find(self, batcher, key)
+                    if found is not None:
+                        return found
         node = Node(self, name or batcher.name, batcher, item, None)
         if key is not NO_KEY:
-            memo_add(self, batcher, key, node)
+            if self._memo is None and self._memo_count < SCAN_LIMIT:
+                node._memo_key = key
+                node._memo_previous = self._last_memo
+                self._last_memo = node
+                self._memo_count += 1
+            else:
+                memo_add(self, batcher, key, node)
         if self._stopped:
             self._add(node, after)
             return node
@@ -409,7 +436,7 @@ class Graph(GraphCore):
 
     # ------------------------------------------------------------------ the block
 
-    def __aenter__(self) -> Awaitable[Graph]:
+    async def __aenter__(self) -> Graph:
         if self._phase != _NEW:
             raise RuntimeError(f"graph {self.name!r} was already entered; open a new one")
         try:
@@ -430,8 +457,7 @@ class Graph(GraphCore):
             self._entry_status = self._task._cancel_status
         else:
             self._deadline = trio.current_effective_deadline()
-        self._step = _ENTERING
-        return self  # awaiting it gives the graph: no coroutine of our own per request
+        return self
 
     @enable_ki_protection
     def __aexit__(
@@ -451,10 +477,10 @@ class Graph(GraphCore):
             return self
         return self._exit(exc)
 
-    # The graph as its own awaitable, for the two awaits of ``async with`` (entry, short exit)
-    # only: an iterator that delegates to trio's public park, and raises the block's error
-    # itself once trio's frame has returned, so that no trio frame holding the graph (its
-    # abort callback) ends up on the error's traceback.
+    # The graph as its own awaitable, for the short exit only (the entry's coroutine is short
+    # lived, and cheaper than stepping an iterator): an iterator that delegates to trio's public
+    # park, and raises the block's error itself once trio's frame has returned, so that no trio
+    # frame holding the graph (its abort callback) ends up on the error's traceback.
 
     @enable_ki_protection
     def __await__(self) -> Generator[Any, Any, Any]:
@@ -470,10 +496,7 @@ class Graph(GraphCore):
 
     @enable_ki_protection
     def send(self, value: Any) -> Any:
-        """Step the entry or the short exit (the await protocol; not for users)."""
-        if self._step == _ENTERING:
-            self._step = _IDLE
-            raise StopIteration(self)
+        """Step the short exit (the await protocol; not for users)."""
         parked = self._parked
         if parked is None:
             parked = self._parked = park(self)  # type: ignore[assignment]

@@ -55,10 +55,9 @@ _NEW: Final = GraphPhase.NEW
 _OPEN: Final = GraphPhase.OPEN
 _CLOSED: Final = GraphPhase.CLOSED
 
-# What awaiting the graph means (GraphCore._step): nothing, entering its block, or the short exit.
+# What awaiting the graph means (GraphCore._step): nothing, or the short exit.
 _IDLE: Final = 0
-_ENTERING: Final = 1
-_EXITING: Final = 2
+_EXITING: Final = 1
 
 
 class GraphCore:
@@ -117,8 +116,8 @@ class GraphCore:
         self._scope: trio.CancelScope | None = None
         self._host: SpawnHost | None = None
         self._closing = False  # the block's body is done: no more nodes from it
-        # The graph is its own awaitable for the block's entry and its common exit (see
-        # _graph.py): which of the two it is (_step), and trio's park while it exits.
+        # The graph is its own awaitable for the block's common exit (see _graph.py): whether
+        # it is in it (_step), and trio's park while it waits there.
         self._step = _IDLE
         self._parked: Coroutine[Any, Any, Any] | None = None
         self._raise_cancel: RaiseCancelT | None = None  # its cancellation, once aborted
