@@ -494,9 +494,13 @@ class Graph(GraphCore):
     def __next__(self) -> Any:
         return self.send(None)
 
+    # The await protocol (``yield from`` sends trio's outcomes through ``send``); no docstring,
+    # so that the reference does not list it: it is not for users. No ``throw`` or ``close``:
+    # trio never throws into a task, and the park closes itself when collected.
     @enable_ki_protection
     def send(self, value: Any) -> Any:
-        """Step the short exit (the await protocol; not for users)."""
+        if self._step != _EXITING:
+            self.__await__()  # raises: only the block's exit awaits the graph
         parked = self._parked
         if parked is None:
             parked = self._parked = park(self)  # type: ignore[assignment]
@@ -510,29 +514,6 @@ class Graph(GraphCore):
         finally:
             del self  # this frame is on the raised error's traceback
         raise StopIteration
-
-    def throw(self, error: BaseException, *_: object) -> Any:
-        """The await protocol: raise ``error`` where the exit is parked (not for users)."""
-        parked = self._parked
-        if parked is None:
-            raise error
-        try:
-            return parked.throw(error)
-        except StopIteration:
-            pass
-        self._parked = parked = None
-        del error
-        try:
-            self._exit_resumed()
-        finally:
-            del self
-        raise StopIteration
-
-    def close(self) -> None:
-        """The await protocol: the request's coroutine is closed (not for users)."""
-        parked, self._parked = self._parked, None
-        if parked is not None:
-            parked.close()
 
     @enable_ki_protection
     async def _exit(self, exc: BaseException | None) -> bool:

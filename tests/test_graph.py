@@ -228,8 +228,12 @@ async def test_a_graph_cannot_be_awaited() -> None:
     async with g:
         with pytest.raises(TypeError, match=message):
             await g
+        with pytest.raises(TypeError, match=message):
+            g.send(None)  # the await protocol, stepped by hand: nothing is parked
         node = g.apply(int, "3")
     assert node.result == 3
+    with pytest.raises(TypeError, match=message):
+        await g
 
 
 async def test_await_node_inside_the_block(autojump_clock: trio.testing.MockClock) -> None:
