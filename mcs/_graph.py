@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import inspect
 import types
-from collections.abc import Awaitable, Callable, Generator, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from threading import get_ident
 from types import TracebackType
 from typing import Any, Final, TypeVar, overload
@@ -62,7 +62,7 @@ from trio.lowlevel import (
 )
 
 from ._batcher import Batcher
-from ._graph_core import _CLOSED, _EXITING, _IDLE, _NEW, _OPEN, GraphCore, GraphPhase
+from ._graph_core import _CLOSED, _EXITING, _NEW, _OPEN, GraphCore, GraphPhase
 from ._graph_many import _ManyNode
 from ._memo import NO_KEY, SCAN_LIMIT, memo_add, memo_drop, memo_find, memo_key
 from ._node import (
@@ -476,44 +476,6 @@ class Graph(GraphCore):
             self._step = _EXITING
             return self
         return self._exit(exc)
-
-    # The graph as its own awaitable, for the short exit only (the entry's coroutine is short
-    # lived, and cheaper than stepping an iterator): an iterator that delegates to trio's public
-    # park, and raises the block's error itself once trio's frame has returned, so that no trio
-    # frame holding the graph (its abort callback) ends up on the error's traceback.
-
-    @enable_ki_protection
-    def __await__(self) -> Generator[Any, Any, Any]:
-        if self._step == _IDLE:
-            raise TypeError(
-                f"graph {self.name!r} cannot be awaited: use 'async with mcs.open_graph() as g'"
-            )
-        return self  # type: ignore[return-value]
-
-    @enable_ki_protection
-    def __next__(self) -> Any:
-        return self.send(None)
-
-    # The await protocol (``yield from`` sends trio's outcomes through ``send``); no docstring,
-    # so that the reference does not list it: it is not for users. No ``throw`` or ``close``:
-    # trio never throws into a task, and the park closes itself when collected.
-    @enable_ki_protection
-    def send(self, value: Any) -> Any:
-        if self._step != _EXITING:
-            self.__await__()  # raises: only the block's exit awaits the graph
-        parked = self._parked
-        if parked is None:
-            parked = self._parked = park(self)  # type: ignore[assignment]
-        try:
-            return parked.send(value)  # type: ignore[union-attr]
-        except StopIteration:
-            pass
-        self._parked = parked = value = None
-        try:
-            self._exit_resumed()
-        finally:
-            del self  # this frame is on the raised error's traceback
-        raise StopIteration
 
     @enable_ki_protection
     async def _exit(self, exc: BaseException | None) -> bool:

@@ -6,6 +6,12 @@ whichever task is at hand (the request task, a batcher's batch task, a spawned n
 never awaits, and never parks anything but through ``_park.py``. ``_graph.py`` holds the public
 methods and the block (``__aenter__``/``__aexit__``) on top of it.
 
+The block's common exit (no error in the block, nothing spawned, no ``timeout``) costs no object
+of its own: the graph is the awaitable ``__aexit__`` returns, parks the request task with trio's
+public ``wait_task_rescheduled`` and is itself the abort callback. Whoever finishes the last node
+wakes the task (``_wake_exit``); a cancellation only marks (``__call__``); the task, as it
+resumes, carries out what is left and raises what the block must raise (``_exit_resumed``).
+
 Why a plain object and not a nursery: see ``_graph.py``. The shape of the data follows from the
 garbage collector: nodes are linked backwards (``Node._previous``) and to their dependents (one
 bare, or a list), the ready queue is a stack linked through the nodes, and every link points at
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Final
 
@@ -36,7 +42,7 @@ from ._node import (
     _SpawnNode,
     _substitute,
 )
-from ._park import original_traceback, reraise, wake
+from ._park import original_traceback, park, reraise, wake
 from ._spawn import _DONE as _HOST_DONE
 from ._spawn import SpawnHost
 
@@ -419,6 +425,44 @@ class GraphCore:
         else:
             self._host.wake()
         return Abort.FAILED
+
+    # The graph as its own awaitable, for the short exit only (the entry's coroutine is short
+    # lived, and cheaper than stepping an iterator): an iterator that delegates to trio's public
+    # park, and raises the block's error itself once trio's frame has returned, so that no trio
+    # frame holding the graph (its abort callback) ends up on the error's traceback.
+
+    @enable_ki_protection
+    def __await__(self) -> Generator[Any, Any, Any]:
+        if self._step == _IDLE:
+            raise TypeError(
+                f"graph {self.name!r} cannot be awaited: use 'async with mcs.open_graph() as g'"
+            )
+        return self  # type: ignore[return-value]
+
+    @enable_ki_protection
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    # The await protocol (``yield from`` sends trio's outcomes through ``send``); no docstring,
+    # so that the reference does not list it: it is not for users. No ``throw`` or ``close``:
+    # trio never throws into a task, and the park closes itself when collected.
+    @enable_ki_protection
+    def send(self, value: Any) -> Any:
+        if self._step != _EXITING:
+            self.__await__()  # raises: only the block's exit awaits the graph
+        parked = self._parked
+        if parked is None:
+            parked = self._parked = park(self)  # type: ignore[assignment]
+        try:
+            return parked.send(value)  # type: ignore[union-attr]
+        except StopIteration:
+            pass
+        self._parked = parked = value = None
+        try:
+            self._exit_resumed()
+        finally:
+            del self  # this frame is on the raised error's traceback
+        raise StopIteration
 
     def _exit_resumed(self) -> None:
         """The request task resumed from the short exit: end the block, in that task.
