@@ -38,5 +38,6 @@ def missing() -> str | None:
 
 def open_graph() -> AbstractAsyncContextManager[Graph]:
     """``mcs.open_graph()``."""
-    opener = cast(Callable[[], AbstractAsyncContextManager[Graph]], vars(mcs)["open_graph"])
+    # The type as a string: evaluated, it would build generic aliases on every request.
+    opener = cast("Callable[[], AbstractAsyncContextManager[Graph]]", vars(mcs)["open_graph"])
     return opener()

@@ -73,7 +73,7 @@ class Metric:
 
     key: str  # the key in the variant's Results
     name: str  # how the report names it
-    unit: Literal["req/s", "ms", "B"]
+    unit: Literal["req/s", "ms", "B", "objects"]
     higher_is_better: bool
 
 
@@ -155,7 +155,7 @@ class Outcome:
     skipped: dict[str, str] = field(default_factory=dict)  # variant -> reason
 
     def values(self, variant: str, metric: str) -> list[float]:
-        return [r[metric] for r in self.runs.get(variant, [])]
+        return [r[metric] for r in self.runs.get(variant, []) if metric in r]
 
     def median(self, variant: str, metric: str) -> float:
         return statistics.median(self.values(variant, metric))
@@ -265,6 +265,8 @@ def _format(value: float, unit: str) -> str:
         return f"{value / 1000:,.1f}k req/s"
     if unit == "ms":
         return f"{value:,.3g} ms" if value < 10 else f"{value:,.1f} ms"
+    if unit == "objects":
+        return f"{value:.1f} objects"
     return f"{value:,.0f} {unit}"
 
 
@@ -300,7 +302,9 @@ def _rows(outcomes: Sequence[Outcome]) -> list[_Row]:
             low, high = _format(min(values), primary.unit), _format(max(values), primary.unit)
             spread = f"{low} .. {high} (n={len(values)})"
             others = ", ".join(
-                f"{m.name} {_format(outcome.median(name, m.key), m.unit)}" for m in wl.metrics[1:]
+                f"{m.name} {_format(outcome.median(name, m.key), m.unit)}"
+                for m in wl.metrics[1:]
+                if outcome.values(name, m.key)  # a metric only some variants report
             )
             versus = ""
             if name != wl.subject:

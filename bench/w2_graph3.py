@@ -13,18 +13,28 @@ the batched calls, across many live requests. Baselines:
   through the same batchers. It is the stronger of the two Trio baselines.
 - **aiodataloader**: the asyncio DataLoader (the GraphQL batching pattern), one loader per
   stage, ``asyncio.gather`` for the parallel pair, the requests started in a TaskGroup.
+
+The mcs variant also reports the GC-tracked objects each live request holds (the cyclic
+collector walks all of them, over and over, while tens of thousands of requests are alive): the
+growth of ``gc.get_objects()`` while ``n`` requests are parked on their first two calls, over
+``n``. ``python -m bench.w2_graph3 --sweep 10000,20000,40000`` runs mcs and aiodataloader at
+several concurrencies.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import gc
 import operator
+import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import TypeVar
 
 import trio
+import trio.testing
 
 import mcs
 
@@ -123,7 +133,40 @@ def _open_mcs_stage(fn: BatchFn) -> AbstractAsyncContextManager[mcs.Batcher[int,
 
 
 def measure_mcs(params: Params) -> Results:
-    return {"rps": params.requests / _run_trio(_open_mcs_stage, _mcs_request, params.requests)}
+    rps = params.requests / _run_trio(_open_mcs_stage, _mcs_request, params.requests)
+    return {"rps": rps, "objects": tracked_objects_per_request(min(params.requests, 5_000))}
+
+
+def tracked_objects_per_request(n: int) -> float:
+    """GC-tracked objects per live mcs request: ``n`` requests parked, their first two calls
+    held in flight, the feed call not yet made."""
+
+    async def main() -> float:
+        gate = trio.Event()
+
+        async def held(ids: list[int]) -> list[int]:
+            await gate.wait()
+            return [i * 10 for i in ids]
+
+        async with (
+            mcs.open_batcher(held, max_batch_size=MAX_BATCH_SIZE, max_in_flight=n) as users,
+            mcs.open_batcher(held, max_batch_size=MAX_BATCH_SIZE, max_in_flight=n) as posts,
+            _open_mcs_stage(feed_fn) as feed,
+            trio.open_nursery() as nursery,
+        ):
+            out = [0] * n
+            await trio.testing.wait_all_tasks_blocked()
+            gc.collect()
+            before = len(gc.get_objects())
+            for i in range(n):
+                nursery.start_soon(_mcs_request, users, posts, feed, i, out)
+            await trio.testing.wait_all_tasks_blocked()
+            gc.collect()
+            grown = len(gc.get_objects()) - before
+            gate.set()
+        return grown / n
+
+    return trio.run(main)
 
 
 # ---------------------------------------------------------------------------------- obvious trio
@@ -238,7 +281,10 @@ W2 = Workload(
         "feed(u + p); three batchers, max_batch_size 100, batch_fn = checkpoint + list "
         "comprehension."
     ),
-    metrics=(Metric("rps", "throughput", "req/s", higher_is_better=True),),
+    metrics=(
+        Metric("rps", "throughput", "req/s", higher_is_better=True),
+        Metric("objects", "GC-tracked objects per live request", "objects", False),
+    ),
     variants=(
         Variant("mcs", measure_mcs, _graph_api.missing),
         Variant("obvious trio", measure_obvious),
@@ -252,3 +298,44 @@ W2 = Workload(
 )
 
 WORKLOADS = (W2,)
+
+
+def sweep(sizes: list[int], runs: int) -> str:
+    """mcs and aiodataloader at each concurrency in ``sizes``, interleaved; a text table of
+    medians and of the median paired ratio."""
+    rows = [
+        "| concurrent requests | mcs req/s | aiodataloader req/s | mcs / aiodataloader "
+        "| mcs objects per live request |",
+        "|---|---|---|---|---|",
+    ]
+    measure_mcs(Params(requests=500))  # warm-up
+    measure_aiodataloader(Params(requests=500))
+    for n in sizes:
+        params = Params(requests=n)
+        ours: list[float] = []
+        theirs: list[float] = []
+        objects = 0.0
+        for run in range(runs):
+            pair = [measure_mcs, measure_aiodataloader]
+            for measure in pair if run % 2 == 0 else pair[::-1]:
+                gc.collect()
+                results = measure(params)
+                if measure is measure_mcs:
+                    ours.append(results["rps"])
+                    objects = results["objects"]
+                else:
+                    theirs.append(results["rps"])
+        ratio = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+        rows.append(
+            f"| {n:,} | {statistics.median(ours):,.0f} | {statistics.median(theirs):,.0f} "
+            f"| {ratio:.2f}x | {objects:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.w2_graph3")
+    parser.add_argument("--sweep", default="10000,20000,40000", help="concurrencies")
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    print(sweep([int(n) for n in args.sweep.split(",")], args.runs))

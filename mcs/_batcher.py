@@ -130,7 +130,7 @@ class Batcher(Generic[K, V]):
         max_wait: float = 0.0,
         max_in_flight: int | trio.CapacityLimiter | SharedInFlight = 1,
         rate: RateLimit | SharedRate | None = None,
-        queue_size: int | float = 10_000,
+        queue_size: int | float = 100_000,
         overload: Literal["block", "reject"] = "block",
         dedupe: bool = False,
         key: Callable[[K], Hashable] | None = None,
@@ -371,13 +371,18 @@ class Batcher(Generic[K, V]):
                 del refusal
         if self._dedupe:
             self._enter_shared(request)
-        elif intake.accept(request):
-            dispatcher = self._dispatcher  # _Dispatcher.item_arrived, inlined: once per item
+        elif intake.queued < intake.queue_size and not intake.waiting_for_room:
+            request.state = _QUEUED  # _Intake.accept, inlined: once per item
+            intake.queue.append(request)
+            intake.queued += 1
+            dispatcher = self._dispatcher  # _Dispatcher.item_arrived, inlined
             waiting_for = dispatcher.waiting_for
             if waiting_for == _FOR_ITEMS or (
                 waiting_for == _FOR_FILL and intake.queued >= dispatcher.batch_cap
             ):
                 dispatcher.wake()
+        else:
+            intake.accept(request)  # to the room queue
 
     def _enter_shared(self, request: _Request[K, V]) -> None:
         """dedupe: join the equal item already queued or in flight, or queue a new shared one.

@@ -62,14 +62,17 @@ from trio.lowlevel import (
 )
 
 from ._batcher import Batcher
-from ._graph_core import _CLOSED, _NEW, _OPEN, GraphCore, GraphPhase, _ShortExit
+from ._graph_core import _CLOSED, _EXITING, _NEW, _OPEN, GraphCore, GraphPhase
 from ._graph_many import _ManyNode
-from ._memo import NO_KEY, memo_add, memo_drop, memo_find, memo_key
+from ._memo import NO_KEY, SCAN_LIMIT, memo_add, memo_drop, memo_find, memo_key
 from ._node import (
     _ERROR,
     _FINISHED,
+    _RUNNING,
     Node,
     _ApplyNode,
+    _ApplyOne,
+    _ApplyTwo,
     _outcome_name,
     _SpawnNode,
 )
@@ -101,11 +104,13 @@ class Graph(GraphCore):
     ) -> None:
         if timeout is not None:
             timeout = check_seconds("timeout", timeout)
-        if name is not None and not isinstance(name, str):
+        if name is None:
+            name = "graph"
+        elif not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {name!r}")
-        if not isinstance(memo, bool):
+        if memo is not True and memo is not False:
             raise TypeError(f"memo must be a bool, got {memo!r}")
-        super().__init__(timeout, name if name is not None else "graph", memo)
+        GraphCore.__init__(self, timeout, name, memo)  # once per request: no super() lookup
 
     def __repr__(self) -> str:
         phase = self._phase.name.lower()
@@ -165,22 +170,55 @@ class Graph(GraphCore):
             raise TypeError(f"batcher must be a mcs.Batcher, got {batcher!r}")
         if after or isinstance(item, Node):
             node: Node[V] = Node(self, name or batcher.name, batcher, item, None)
-            self._add(node, after)
+            self._add(node, after, None if after else (item,))  # type: ignore[arg-type]
             return node
-        # The common case, kept short: no dependencies.
-        key = memo_key(batcher, item) if self._memo_on else NO_KEY
-        if key is not NO_KEY:
-            found = memo_find(self, batcher, key)
-            if found is not None:
-                return found
+        # The common case, kept short: no dependencies; the memo's chain inlined (_memo.py).
+        key: Hashable = NO_KEY
+        if self._memo_on:
+            if batcher._key is None:
+                try:
+                    hash(item)
+                except TypeError:
+                    pass
+                else:
+                    key = item
+            else:
+                key = memo_key(batcher, item)
+            if key is not NO_KEY:
+                if self._memo is None:
+                    found = self._last_memo
+                    while found is not None:
+                        if found._fn is batcher:
+                            other = found._memo_key
+                            if other is key or other == key:
+                                return found
+                        found = found._memo_previous
+                else:
+                    found = memo_find(self, batcher, key)
+                    if found is not None:
+                        return found
         node = Node(self, name or batcher.name, batcher, item, None)
         if key is not NO_KEY:
-            memo_add(self, batcher, key, node)
+            if self._memo is None and self._memo_count < SCAN_LIMIT:
+                node._memo_key = key
+                node._memo_previous = self._last_memo
+                self._last_memo = node
+                self._memo_count += 1
+            else:
+                memo_add(self, batcher, key, node)
         if self._stopped:
             self._add(node, after)
-        else:
-            self._append(node)
-            self._start_call(node, trio.current_time())
+            return node
+        node._previous = self._last  # GraphCore._append and _start_call, inlined
+        self._last = node
+        self._unfinished += 1
+        node._node_state = _RUNNING
+        node.start = node.t0 = now = trio.current_time()
+        node.item = item
+        try:
+            batcher._submit_nowait(node)
+        except Exception as exc:  # as in GraphCore._start_call
+            self._fail(node, exc.with_traceback(None), None, now)
         return node
 
     def call_many(
@@ -323,12 +361,36 @@ class Graph(GraphCore):
             self._refuse()
         if _is_async_function(fn) or not callable(fn):
             raise TypeError(f"apply needs a sync function (use spawn for async ones), got {fn!r}")
-        node: Node[T] = _ApplyNode(self, name or _name_of(fn), fn, args, kwargs or None)
+        name = name or _name_of(fn)
+        node: Node[T]
+        deps: tuple[Node[Any], ...] | None = None  # worked out here for the common shapes
+        if kwargs or len(args) > 2:
+            node = _ApplyNode(self, name, fn, args, kwargs or None)
+        elif len(args) == 2:  # arguments in slots: no tuple of nodes kept per request
+            first, second = args
+            node = _ApplyTwo(self, name, fn, first, None)
+            node._arg1 = second
+            if not after:
+                if isinstance(first, Node):
+                    deps = (
+                        (first, second)
+                        if isinstance(second, Node) and second is not first
+                        else (first,)
+                    )
+                else:
+                    deps = (second,) if isinstance(second, Node) else ()
+            del first, second
+        elif args:
+            node = _ApplyOne(self, name, fn, args[0], None)
+            if not after:
+                deps = (args[0],) if isinstance(args[0], Node) else ()
+        else:
+            node = _ApplyNode(self, name, fn, (), None)
         try:
-            self._add(node, after)
+            self._add(node, after, deps)
             return node
         finally:  # on the stack under fn when it runs at once: see GraphCore._run_ready
-            del self, node, args, kwargs, after
+            del self, node, args, kwargs, after, deps
 
     def spawn(
         self,
@@ -405,14 +467,14 @@ class Graph(GraphCore):
         tb: TracebackType | None,
     ) -> Awaitable[bool | None]:
         if exc is None and self._unfinished and self._scope is None and self._host is None:
-            # The common case, with no coroutine of our own (a GC-tracked object per live
-            # request): park the request task directly. Whoever finishes the last node
-            # completes the exit (GraphCore._wake_exit); a cancellation is handed back to this
-            # task to carry out (_ShortExit).
+            # The short exit, the common case: the graph is the awaitable (no coroutine of our
+            # own, a GC-tracked object per live request) and parks the request task directly.
+            # Whoever finishes the last node completes the exit (GraphCore._wake_exit); a
+            # cancellation is handed back to this task to carry out (GraphCore.__call__).
             self._closing = True
-            self._short_exit = short_exit = _ShortExit(self)
             self._exit_waiter = current_task()
-            return park(short_exit)
+            self._step = _EXITING
+            return self
         return self._exit(exc)
 
     @enable_ki_protection

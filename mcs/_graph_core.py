@@ -6,6 +6,12 @@ whichever task is at hand (the request task, a batcher's batch task, a spawned n
 never awaits, and never parks anything but through ``_park.py``. ``_graph.py`` holds the public
 methods and the block (``__aenter__``/``__aexit__``) on top of it.
 
+The block's common exit (no error in the block, nothing spawned, no ``timeout``) costs no object
+of its own: the graph is the awaitable ``__aexit__`` returns, parks the request task with trio's
+public ``wait_task_rescheduled`` and is itself the abort callback. Whoever finishes the last node
+wakes the task (``_wake_exit``); a cancellation only marks (``__call__``); the task, as it
+resumes, carries out what is left and raises what the block must raise (``_exit_resumed``).
+
 Why a plain object and not a nursery: see ``_graph.py``. The shape of the data follows from the
 garbage collector: nodes are linked backwards (``Node._previous``) and to their dependents (one
 bare, or a list), the ready queue is a stack linked through the nodes, and every link points at
@@ -16,11 +22,10 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import AsyncGenerator, Callable, Generator, Iterable
+from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
-import outcome
 import trio
 from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, enable_ki_protection
 
@@ -32,10 +37,12 @@ from ._node import (
     _RUNNING,
     _VALUE,
     Node,
+    _ApplyOne,
+    _ApplyTwo,
     _SpawnNode,
     _substitute,
 )
-from ._park import original_traceback, wake, wake_with, wake_with_error
+from ._park import original_traceback, park, reraise, wake
 from ._spawn import _DONE as _HOST_DONE
 from ._spawn import SpawnHost
 
@@ -53,6 +60,10 @@ class GraphPhase(enum.IntEnum):
 _NEW: Final = GraphPhase.NEW
 _OPEN: Final = GraphPhase.OPEN
 _CLOSED: Final = GraphPhase.CLOSED
+
+# What awaiting the graph means (GraphCore._step): nothing, or the short exit.
+_IDLE: Final = 0
+_EXITING: Final = 1
 
 
 class GraphCore:
@@ -72,12 +83,13 @@ class GraphCore:
         "_memo",
         "_memo_count",
         "_memo_on",
+        "_parked",
         "_phase",
         "_raise_cancel",
         "_ready",
         "_scope",
-        "_short_exit",
         "_starting",
+        "_step",
         "_stopped",
         "_task",
         "_thread",
@@ -110,8 +122,10 @@ class GraphCore:
         self._scope: trio.CancelScope | None = None
         self._host: SpawnHost | None = None
         self._closing = False  # the block's body is done: no more nodes from it
-        # Set while the request task is parked in the coroutine-free exit (see _graph.py).
-        self._short_exit: _ShortExit | None = None
+        # The graph is its own awaitable for the block's common exit (see _graph.py): whether
+        # it is in it (_step), and trio's park while it waits there.
+        self._step = _IDLE
+        self._parked: Coroutine[Any, Any, Any] | None = None
         self._raise_cancel: RaiseCancelT | None = None  # its cancellation, once aborted
         self._cancelled_all = False
         # Captured at entry: the request task (its context too) and the thread of its run.
@@ -137,9 +151,15 @@ class GraphCore:
         nodes.reverse()
         return nodes
 
-    def _add(self, node: Node[Any], after: Iterable[Node[Any]]) -> None:
-        """Link ``node`` to its dependencies, and start it if none is pending."""
-        doomed = self._link(node, after)
+    def _add(
+        self,
+        node: Node[Any],
+        after: Iterable[Node[Any]],
+        deps: Sequence[Node[Any]] | None = None,
+    ) -> None:
+        """Link ``node`` to its dependencies, and start it if none is pending. ``deps``, when
+        the caller knows them (distinct, no ``after``), saves working them out."""
+        doomed = self._link(node, after, deps)
         try:
             if doomed:
                 self._cancel(node, trio.current_time())
@@ -149,7 +169,9 @@ class GraphCore:
         finally:
             del self, node, after
 
-    def _link(self, node: Node[Any], after: Iterable[Node[Any]]) -> bool:
+    def _link(
+        self, node: Node[Any], after: Iterable[Node[Any]], deps: Sequence[Node[Any]] | None
+    ) -> bool:
         """Add ``node`` to the graph and to its dependencies' dependents; True if one of them
         failed or was cancelled (or the graph was), so that the node can never run."""
         if after:
@@ -157,7 +179,8 @@ class GraphCore:
             for dep in node._after:
                 if not isinstance(dep, Node):
                     raise TypeError(f"after must hold nodes, got {dep!r}")
-        deps = node._dependencies()
+        if deps is None:
+            deps = node._dependencies()
         for dep in deps:
             if dep._graph is not self:
                 raise ValueError(f"node {dep.name!r} belongs to another graph")
@@ -186,7 +209,7 @@ class GraphCore:
 
     # A user function that raises leaves a traceback whose frames keep their callers' frames
     # (f_back) and, once those return, their locals. So every function that can be on the
-    # stack under an apply function (_add, _run_ready, _run_apply, _resolve, Node's delivery,
+    # stack under an apply function (_add, _run_ready, _run_apply, Node._deliver_value,
     # Graph.apply) deletes its locals before returning: a local left holding the graph or a
     # node would make a cycle node -> error -> traceback -> frame -> node.
 
@@ -232,47 +255,46 @@ class GraphCore:
         node._node_state = _RUNNING
         node.start = now
         fn: Callable[..., Any] = node._fn
-        args = [_substitute(arg) for arg in node._args]
         task = self._task
         assert task is not None
-        if current_task() is not task:  # another task: run in the request's context, as the
-            args.insert(0, fn)  # request would (the request task is in it already)
-            fn = task.context.run
+        cls = type(node)
+        first: Any = None
+        second: Any = None
+        args: Any = None
+        value: Any = None
         try:
-            if node._kwargs:
-                value = fn(*args, **{k: _substitute(v) for k, v in node._kwargs.items()})
+            if cls is _ApplyTwo:  # the common shapes first: no argument list to build
+                first, second = node._args, node._arg1  # type: ignore[attr-defined]
+                if isinstance(first, Node):
+                    first = first._value
+                if isinstance(second, Node):
+                    second = second._value
+                if current_task() is task:
+                    value = fn(first, second)
+                else:  # another task: run in the request's context, as the request would
+                    value = task.context.run(fn, first, second)
+            elif cls is _ApplyOne:
+                first = _substitute(node._args)
+                if current_task() is task:
+                    value = fn(first)
+                else:
+                    value = task.context.run(fn, first)
             else:
-                value = fn(*args)
+                args = [_substitute(arg) for arg in node._args]
+                if current_task() is not task:
+                    args.insert(0, fn)
+                    fn = task.context.run
+                if node._kwargs:
+                    value = fn(*args, **{k: _substitute(v) for k, v in node._kwargs.items()})
+                else:
+                    value = fn(*args)
         except BaseException as exc:  # it runs on someone else's task: never let it escape
             self._fail(node, exc, original_traceback(exc), now)
         else:
-            self._resolve(node, value, now)
+            node._deliver_value(value, now)
         finally:
-            del self, node, fn, args, task
-
-    def _resolve(self, node: Node[Any], value: Any, now: float) -> None:
-        node._value = value
-        node._node_state = _FINISHED
-        node.end = now
-        self._finished(node)
-        dependents = node._dependents
-        if dependents is None:
-            return
-        node._dependents = None
-        try:
-            if isinstance(dependents, list):
-                for dependent in dependents:
-                    dependent._unresolved -= 1
-                    if dependent._unresolved == 0:
-                        self._push_ready(dependent)
-                del dependent
-            else:
-                dependents._unresolved -= 1
-                if dependents._unresolved == 0:
-                    self._push_ready(dependents)
-            self._run_ready(now)
-        finally:
-            del self, node, value, dependents
+            del self, node, fn, task
+            first = second = args = value = None
 
     def _fail(
         self, node: Node[Any], error: BaseException, tb: TracebackType | None, now: float
@@ -297,9 +319,13 @@ class GraphCore:
             node._wake_waiters()
         self._unfinished -= 1
         if self._unfinished == 0:
-            self._wake_exit()
-            if self._closing and self._host is not None:
-                self._host.wake()
+            self._all_finished()
+
+    def _all_finished(self) -> None:
+        """The last unfinished node finished: wake whoever waits for the graph's end."""
+        self._wake_exit()
+        if self._closing and self._host is not None:
+            self._host.wake()
 
     def _cancel(self, node: Node[Any], now: float) -> None:
         """Stop an unfinished node; a running spawned node finishes when its task does."""
@@ -369,28 +395,99 @@ class GraphCore:
         task = self._exit_waiter
         if task is None:
             return
-        short_exit = self._short_exit
-        if short_exit is None:  # a waiter in __aexit__'s loop: it re-checks for itself
+        if self._step != _EXITING:  # a waiter in __aexit__'s loop: it re-checks for itself
             self._exit_waiter = None
             wake(task)
             return
         if self._unfinished or self._host_running():
             return
-        # Completing the coroutine-free exit: the graph is finished, the block ends here.
+        # Completing the short exit: the graph is finished, the block ends as the request
+        # task resumes (_exit_resumed raises what it must, in that task).
         self._exit_waiter = None
-        self._short_exit = short_exit.graph = None
-        error, tb = self._error, self._error_tb
         self._close()
-        raise_cancel, self._raise_cancel = self._raise_cancel, None
+        wake(task)
+
+    def __call__(self, raise_cancel: RaiseCancelT) -> Abort:
+        """Trio's abort callback while the request task is parked in the short exit.
+
+        The graph itself, not a bound method or a callback object: either would be one more
+        GC-tracked object per live request. Only marks: the graph is cancelled by the request
+        task as it resumes (:meth:`_exit_resumed`), or, if spawned tasks must unwind first, by
+        the spawn host's task, and the last one out wakes the request task.
+        """
+        task = self._exit_waiter
+        assert task is not None
+        self._stopped = True  # nothing starts from now on
+        self._raise_cancel = raise_cancel
+        if self._host is None:
+            self._exit_waiter = None
+            wake(task)
+        else:
+            self._host.wake()
+        return Abort.FAILED
+
+    # The graph as its own awaitable, for the short exit only (the entry's coroutine is short
+    # lived, and cheaper than stepping an iterator): an iterator that delegates to trio's public
+    # park, and raises the block's error itself once trio's frame has returned, so that no trio
+    # frame holding the graph (its abort callback) ends up on the error's traceback.
+
+    @enable_ki_protection
+    def __await__(self) -> Generator[Any, Any, Any]:
+        if self._step == _IDLE:
+            raise TypeError(
+                f"graph {self.name!r} cannot be awaited: use 'async with mcs.open_graph() as g'"
+            )
+        return self  # type: ignore[return-value]
+
+    @enable_ki_protection
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    # The await protocol (``yield from`` sends trio's outcomes through ``send``); no docstring,
+    # so that the reference does not list it: it is not for users. No ``throw`` or ``close``:
+    # trio never throws into a task, and the park closes itself when collected.
+    @enable_ki_protection
+    def send(self, value: Any) -> Any:
+        if self._step != _EXITING:
+            self.__await__()  # raises: only the block's exit awaits the graph
+        parked = self._parked
+        if parked is None:
+            parked = self._parked = park(self)  # type: ignore[assignment]
         try:
-            if raise_cancel is not None:  # cancelled while spawned tasks were unwinding
-                wake_with(task, outcome.capture(raise_cancel))
-            elif error is None:
-                wake(task)  # __aexit__ returns None: nothing to swallow
-            else:
-                wake_with_error(task, error, tb)
+            return parked.send(value)  # type: ignore[union-attr]
+        except StopIteration:
+            pass
+        self._parked = parked = value = None
+        try:
+            self._exit_resumed()
         finally:
-            del error, tb, raise_cancel
+            del self  # this frame is on the raised error's traceback
+        raise StopIteration
+
+    def _exit_resumed(self) -> None:
+        """The request task resumed from the short exit: end the block, in that task.
+
+        Raises the task's cancellation if it was cancelled in the exit (cancelling the graph
+        first if nothing else did), else the graph's first error, if any.
+        """
+        self._step = _IDLE
+        raise_cancel, self._raise_cancel = self._raise_cancel, None
+        if raise_cancel is not None:
+            if self._phase != _CLOSED:  # nothing spawned: the graph is cancelled here
+                self._cancel_all(trio.current_time())
+                self._close()
+            del self
+            try:
+                raise_cancel()
+            finally:
+                del raise_cancel
+        error, tb = self._error, self._error_tb
+        if error is not None:
+            del self
+            try:
+                reraise(error, tb)
+            finally:
+                del error, tb
 
     def _close(self) -> None:
         self._phase = _CLOSED
@@ -400,77 +497,3 @@ class GraphCore:
         while node is not None:
             node._graph = None  # break node <-> graph cycles so the GC need not
             node = node._previous
-
-
-class _ShortExit:
-    """The abort callback of a request task parked in the coroutine-free exit.
-
-    Not a bound method of the graph: trio's frame that parks the task keeps its abort callback,
-    and when the block raises the graph's error that frame is on the error's traceback, so a
-    callback holding the graph would make a cycle graph -> node -> error -> traceback -> frame
-    -> graph. This one lets go of the graph when the exit completes.
-    """
-
-    __slots__ = ("graph",)
-
-    def __init__(self, graph: GraphCore) -> None:
-        self.graph: GraphCore | None = graph
-
-    def __call__(self, raise_cancel: RaiseCancelT) -> Abort:
-        """The request task was cancelled in the exit. Only marks: the graph is cancelled by
-        the request task as it resumes (:class:`_CancelGraph`), or, if spawned tasks must unwind
-        first, by the spawn host's task, and the last one out raises the cancellation into the
-        request task."""
-        graph = self.graph
-        assert graph is not None
-        task = graph._exit_waiter
-        assert task is not None
-        graph._stopped = True  # nothing starts from now on
-        if graph._host is None:
-            graph._exit_waiter = None
-            graph._short_exit = self.graph = None
-            wake_with(task, _CancelGraph(graph, raise_cancel))
-        else:
-            graph._raise_cancel = raise_cancel
-            graph._host.wake()
-        return Abort.FAILED
-
-
-class _CancelGraph(outcome.Outcome[NoReturn]):
-    """What wakes a request task cancelled in the coroutine-free exit: as the task resumes,
-    cancel the graph (nothing is left to wait for: it never spawned), close it, and raise the
-    task's cancellation."""
-
-    __slots__ = ("_graph", "_raise_cancel")
-
-    def __init__(self, graph: GraphCore, raise_cancel: RaiseCancelT) -> None:
-        self._unwrapped = False
-        self._graph: GraphCore | None = graph
-        self._raise_cancel: RaiseCancelT | None = raise_cancel
-
-    def unwrap(self) -> NoReturn:
-        self._set_unwrapped()
-        graph, raise_cancel = self._graph, self._raise_cancel
-        self._graph = self._raise_cancel = None
-        assert graph is not None
-        assert raise_cancel is not None
-        graph._cancel_all(trio.current_time())
-        graph._close()
-        del graph, self
-        try:
-            raise_cancel()
-        finally:
-            del raise_cancel
-        raise AssertionError("raise_cancel returned")  # pragma: no cover
-
-    def send(self, gen: Generator[Any, NoReturn, object]) -> Any:
-        try:
-            self.unwrap()
-        except BaseException as exc:
-            return gen.throw(exc)
-
-    async def asend(self, agen: AsyncGenerator[Any, NoReturn]) -> Any:
-        try:
-            self.unwrap()
-        except BaseException as exc:
-            return await agen.athrow(exc)

@@ -50,6 +50,9 @@ class _ManyNode(Node[list[Any]]):
     _records: list[_KeyRecord] | None  # the records sent, until the node finishes
     _results: list[Any]
 
+    def _positional(self) -> tuple[Any, ...]:
+        return self._args  # type: ignore[no-any-return]  # (keys, *memoized nodes waited for)
+
     def _start(self, graph: GraphCore, now: float) -> None:
         """Send every key that has no value yet; resolve at once if none is left to send."""
         self._node_state = _RUNNING
@@ -90,7 +93,7 @@ class _ManyNode(Node[list[Any]]):
         self._missing = len(records)
         del sent, waited
         if not records:
-            graph._resolve(self, results, now)
+            self._deliver_value(results, now)
             return
         for record in records:
             try:
@@ -111,7 +114,7 @@ class _ManyNode(Node[list[Any]]):
         if self._missing == 0 and graph is not None and self._node_state == _RUNNING:
             self._records = None
             try:
-                graph._resolve(self, results, now)
+                self._deliver_value(results, now)
             finally:  # on the stack under apply functions: see GraphCore._run_ready
                 del self, graph, results, value
 

@@ -231,10 +231,7 @@ class Node(_Request[Any, Any], Generic[T]):
 
     def _dependencies(self) -> list[Node[Any]]:
         """The distinct nodes this node waits for, in argument order."""
-        if self.kind == "call":
-            deps = [self._args] if isinstance(self._args, Node) else []
-        else:
-            deps = [arg for arg in self._args if isinstance(arg, Node)]
+        deps = [arg for arg in self._positional() if isinstance(arg, Node)]
         if self._kwargs:
             deps.extend(arg for arg in self._kwargs.values() if isinstance(arg, Node))
         if self._after:
@@ -243,15 +240,50 @@ class Node(_Request[Any, Any], Generic[T]):
             return deps
         return list(dict.fromkeys(deps))
 
+    def _positional(self) -> tuple[Any, ...]:
+        """The positional arguments (a call node's is its item)."""
+        return (self._args,)
+
     # ------------------------------------------------------------------ batcher protocol
 
     def _deliver_value(self, value: Any, now: float) -> None:
+        """Resolve the node with ``value``: a batcher's result for a call node, or what an
+        apply or spawned node returned. Then start the dependents it made ready.
+
+        All in one function, no layers: it runs once per node of every request.
+        """
         graph = self._graph
-        if graph is not None and self._node_state == _RUNNING:
-            try:
-                graph._resolve(self, value, now)
-            finally:  # on the stack under apply functions: see GraphCore._run_ready
-                del self, graph, value
+        if graph is None or self._node_state != _RUNNING:
+            return
+        self._value = value
+        self._node_state = _FINISHED
+        self.end = now
+        if self._waiters is not None:
+            self._wake_waiters()
+        graph._unfinished -= 1
+        if graph._unfinished == 0:
+            graph._all_finished()
+        dependents = self._dependents
+        if dependents is None:
+            return
+        self._dependents = None
+        try:
+            if type(dependents) is list:
+                for dependent in dependents:
+                    dependent._unresolved -= 1
+                    if dependent._unresolved == 0:
+                        dependent._next_ready = graph._ready
+                        graph._ready = dependent
+                del dependent
+            else:
+                dependents._unresolved -= 1  # type: ignore[union-attr]
+                if dependents._unresolved == 0:  # type: ignore[union-attr]
+                    dependents._next_ready = graph._ready  # type: ignore[union-attr]
+                    graph._ready = dependents  # type: ignore[assignment]
+            if graph._ready is not None:
+                graph._run_ready(now)
+        finally:  # on the stack under apply functions: see GraphCore._run_ready
+            del self, graph, value, dependents
 
     def _deliver_error(self, error: BaseException, tb: TracebackType | None, now: float) -> None:
         graph = self._graph
@@ -265,13 +297,44 @@ class Node(_Request[Any, Any], Generic[T]):
 
 
 class _ApplyNode(Node[T]):
+    """An apply node; ``_args`` is the tuple of its positional arguments."""
+
     __slots__ = ()
     kind: NodeKind = "apply"
+
+    def _positional(self) -> tuple[Any, ...]:
+        return self._args  # type: ignore[no-any-return]
+
+
+# The common applies take one or two positional arguments and no keywords. Kept in slots rather
+# than in a tuple: a tuple that holds nodes is one more GC-tracked object per live request.
+
+
+class _ApplyOne(_ApplyNode[T]):
+    """An apply node with one positional argument, kept in ``_args`` itself."""
+
+    __slots__ = ()
+
+    def _positional(self) -> tuple[Any, ...]:
+        return (self._args,)
+
+
+class _ApplyTwo(_ApplyNode[T]):
+    """An apply node with two positional arguments, in ``_args`` and ``_arg1``."""
+
+    __slots__ = ("_arg1",)
+    _arg1: Any
+
+    def _positional(self) -> tuple[Any, ...]:
+        return (self._args, self._arg1)
 
 
 class _SpawnNode(Node[T]):
     __slots__ = ()
     kind: NodeKind = "spawn"
+
+    def _positional(self) -> tuple[Any, ...]:
+        return self._args  # type: ignore[no-any-return]
 
 
 def _outcome_name(node: Node[Any]) -> str:

@@ -35,7 +35,7 @@ async def open_batcher(
     max_wait: float = 0.0,
     max_in_flight: int | trio.CapacityLimiter | SharedInFlight = 1,
     rate: RateLimit | SharedRate | None = None,
-    queue_size: int | float = 10_000,
+    queue_size: int | float = 100_000,
     overload: Literal["block", "reject"] = "block",
     dedupe: bool = False,
     key: Callable[[K], Hashable] | None = None,
@@ -65,7 +65,8 @@ async def open_batcher(
         rate: a :class:`mcs.RateLimit` on batch_fn calls (or items), a :class:`mcs.SharedRate`
             such as :func:`mcs.redis.open_shared_rate` makes (shared across processes), or
             None.
-        queue_size: how many accepted items may wait for a batch (``math.inf`` for no bound).
+        queue_size: how many accepted items may wait for a batch (``math.inf`` for no bound);
+            the default, 100,000, is above the concurrency of an ordinary busy service.
         overload: what a call does when the queue is full: ``"block"`` waits for room,
             ``"reject"`` raises :exc:`mcs.Overloaded` at once and queues nothing.
         dedupe: send an item equal to one already queued or in flight only once: the later

@@ -158,7 +158,7 @@ class SpawnHost:
                 # spawned task may spawn more.
                 while True:
                     if graph._raise_cancel is not None and not graph._cancelled_all:
-                        # The request was cancelled while parked in the coroutine-free exit:
+                        # The request was cancelled while parked in the short exit:
                         # its abort callback only marked that; the cancelling is done here.
                         graph._cancel_all(trio.current_time())
                     if graph._closing and not graph._unfinished:
@@ -169,6 +169,10 @@ class SpawnHost:
         finally:
             self.nursery = None
             self._task = None
+            if graph._raise_cancel is not None and not graph._cancelled_all:
+                # Cancelled itself (the entry deadline) in the same pass as the request, whose
+                # exit left the cancelling to this task: do it on the way out.
+                graph._cancel_all(trio.current_time())
             self.phase = _DONE
             self._graph = None
             graph._host_done()
@@ -207,7 +211,7 @@ async def _run_spawned(graph: Graph, node: _SpawnNode[Any]) -> None:
         else:
             graph._fail(node, exc, original_traceback(exc), now)
     else:
-        graph._resolve(node, value, trio.current_time())
+        node._deliver_value(value, trio.current_time())
     finally:
         # This frame is on the error's traceback: hold nothing that leads back to the error.
         del graph, node, fn, args, kwargs

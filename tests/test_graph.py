@@ -189,6 +189,53 @@ async def test_a_dependency_named_twice_is_one_dependency() -> None:
     assert g.trace().nodes[2].deps == (0, 1)
 
 
+def _args_of(*args: object) -> tuple[object, ...]:
+    return args
+
+
+@pytest.mark.parametrize("shape", ["none", "one", "two", "same twice", "three", "literal"])
+async def test_apply_arguments_of_every_common_shape(
+    shape: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Applies of one or two positional arguments keep them in slots, not in a tuple: the
+    # values, the dependencies and the trace must not tell the difference.
+    async with mcs.open_batcher(_recorder()) as batcher:
+        async with mcs.open_graph() as g:
+            x = g.call(batcher, 1, name="x")
+            y = g.call(batcher, 2, name="y")
+            args: tuple[object, ...] = {
+                "none": (),
+                "one": (y,),
+                "two": (y, x),
+                "same twice": (x, x),
+                "three": (x, "lit", y),
+                "literal": ("lit", 3),
+            }[shape]
+            applied = g.apply(_args_of, *args, name="applied")
+        deps = g.trace().nodes[2].deps
+    values = {x: 2, y: 4}
+    assert applied.result == tuple(values.get(a, a) for a in args)  # type: ignore[call-overload]
+    expected = {"none": (), "one": (1,), "two": (1, 0), "same twice": (0,), "three": (0, 1)}
+    assert deps == expected.get(shape, ())
+
+
+async def test_a_graph_cannot_be_awaited() -> None:
+    # The graph is its own awaitable for the block's entry and exit only.
+    message = r"^graph 'req' cannot be awaited: use 'async with mcs.open_graph\(\) as g'$"
+    g = mcs.open_graph(name="req")
+    with pytest.raises(TypeError, match=message):
+        await g
+    async with g:
+        with pytest.raises(TypeError, match=message):
+            await g
+        with pytest.raises(TypeError, match=message):
+            g.send(None)  # the await protocol, stepped by hand: nothing is parked
+        node = g.apply(int, "3")
+    assert node.result == 3
+    with pytest.raises(TypeError, match=message):
+        await g
+
+
 async def test_await_node_inside_the_block(autojump_clock: trio.testing.MockClock) -> None:
     async with mcs.open_batcher(_recorder()) as batcher:
         async with mcs.open_graph() as g:
@@ -1104,3 +1151,20 @@ def test_a_deadline_racing_a_dependency_neither_hangs_nor_breaks_the_batcher(
 
     for _ in range(40):
         run_virtual(main)  # a deadlock fails instead of spinning the clock forever
+
+
+async def test_the_default_queue_takes_a_busy_service_without_a_room_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 40,000 concurrent calls (a busy service, far more than one batch) all fit in the default
+    # queue: none goes through the room queue. With the old default (10,000) 30,000 would.
+    async def double(items: list[int]) -> list[int]:
+        await trio.sleep(1.0)
+        return [2 * i for i in items]
+
+    async with mcs.open_batcher(double) as batcher:
+        async with mcs.open_graph() as g:
+            for i in range(40_000):
+                g.call(batcher, i)
+            stats = batcher.statistics()
+            assert (stats.queued, stats.waiting_for_room) == (40_000, 0)
