@@ -13,6 +13,8 @@ from ._exceptions import MCSError as MCSError
 from ._exceptions import Overloaded as Overloaded
 from ._graph import Graph as Graph
 from ._graph import open_graph as open_graph
+from ._histogram import BatcherHistograms as BatcherHistograms
+from ._histogram import Histogram as Histogram
 from ._node import Node as Node
 from ._open_batcher import open_batcher as open_batcher
 from ._rate import RateLimit as RateLimit
@@ -28,9 +30,11 @@ __all__ = [
     "BatchFn",
     "BatchResultError",
     "Batcher",
+    "BatcherHistograms",
     "BatcherStatistics",
     "Graph",
     "GraphTrace",
+    "Histogram",
     "MCSError",
     "Node",
     "NodeTrace",

@@ -38,6 +38,7 @@ from trio.lowlevel import (
 from ._counters import _Counters
 from ._dispatch import Step, next_step
 from ._intake import _Intake
+from ._log import batch_failed
 from ._park import park, wake
 from ._rate import _Gcra
 from ._requests import _IN_FLIGHT, _Request
@@ -252,7 +253,9 @@ class _Dispatcher(Generic[K, V]):
         counts = self.counts
         if self.gcra is not None:
             self.gcra.take(len(records) if self.rate_counts_items else 1, now)
-        counts.queue_waits.extend([now - request.t0 for request in records])
+        waits = [now - request.t0 for request in records]
+        counts.queue_waits.extend(waits)
+        counts.queue_wait_buckets.extend(waits)
         batch = _Batch(self, records)
         if self.batch_timeout is not None or self.cancel_abandoned:
             timeout = self.batch_timeout
@@ -295,6 +298,7 @@ class _Dispatcher(Generic[K, V]):
         counts.items += size
         if size > counts.peak_batch:
             counts.peak_batch = size
+        counts.batch_size_buckets.add(size)
         _CURRENT_BATCH.set(batch)  # this task's own context: seen by calls from batch_fn
         started = clock.current_time()
         scope = batch.scope
@@ -313,6 +317,7 @@ class _Dispatcher(Generic[K, V]):
             now = self._batch_done(batch, started)
             served = deliver_error(records, exc, exc.__traceback__, now)
             counts.callers_served += served + (extra_callers(records) if self.shares else 0)
+            batch_failed(self.name, exc, size)
         except BaseException as exc:
             # Cancelled (the batcher is shutting down) or KeyboardInterrupt: the callers must
             # not hang, and must not receive a Cancelled that is not theirs.
@@ -350,6 +355,7 @@ class _Dispatcher(Generic[K, V]):
         )
         served = deliver_error(records, error, None, now)
         self.counts.callers_served += served + (extra_callers(records) if self.shares else 0)
+        batch_failed(self.name, error, len(records))
 
     def _batch_done(self, batch: _Batch, started: float) -> float:
         """Free the batch's slot; returns the time, which is also each result's time."""
@@ -357,6 +363,7 @@ class _Dispatcher(Generic[K, V]):
         batch.running = False
         now = self._clock.current_time()
         self.counts.batch_times.add(now - started)
+        self.counts.batch_time_buckets.add(now - started)
         self.counts.busy_time += now - started
         self._release_slot(now)
         return now
