@@ -14,6 +14,7 @@ goes through a batcher shared by all live requests, whose batch_fn sends one
 Routes:
     GET /users/<id>   the profile, JSON (404 for an unknown user)
     GET /stats        the batchers' statistics, JSON
+    GET /metrics      every batcher's metrics for Prometheus (``examples/observability.py``)
     GET /             what is served: ``{"users": ...}``
 
 Run it with hypercorn (``pip install 'hypercorn[trio]'``), from the repository's root::
@@ -46,12 +47,20 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
+from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 import mcs
+
+if TYPE_CHECKING:
+    from observability import observe
+else:  # imported as examples.http_service (hypercorn), or run as a script
+    observe = import_module(
+        f"{__package__}.observability" if __package__ else "observability"
+    ).observe
 
 if TYPE_CHECKING:
     from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
@@ -252,13 +261,13 @@ def _stats(stats: mcs.BatcherStatistics) -> dict[str, Any]:
     }
 
 
-app = App()
-"""The module-level app: ``hypercorn -k trio examples.http_service:app``."""
+app = observe(App())
+"""The module-level app: ``hypercorn -k trio examples.http_service:app``, with ``/metrics``."""
 
 # ---------------------------------------------------------------------- run it on its own
 
 
-async def serve(port: int, application: App) -> None:
+async def serve(port: int, application: Any) -> None:
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
 
@@ -296,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
     try:
-        trio.run(serve, args.port, App(args.users, args.seed))
+        trio.run(serve, args.port, observe(App(args.users, args.seed)))
     except (OSError, BaseExceptionGroup) as exc:
         # hypercorn fails to bind inside its nursery: the OSError comes wrapped in groups
         if any(_in_use(leaf) for leaf in _leaves(exc)):
