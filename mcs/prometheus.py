@@ -77,7 +77,12 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
         "rate_limit_wait_time",
     ),
     ("busy_seconds", "seconds spent in batch_fn calls, summed over calls", "busy_time"),
+    # with on_batch_error="split" and shared limits, where the statistics have them
+    ("split_batches", "failed batch_fn calls cut in two and sent again", "split_batches"),
+    ("failed_alone", "callers whose item failed in a batch_fn call of its own", "failed_alone"),
+    ("limit_errors", "batches failed because a shared limit was unavailable", "limit_errors"),
 )
+_COUNTERS = tuple(c for c in _COUNTERS if c[2] in attrs.fields_dict(BatcherStatistics))
 
 # (metric name, help, field, how workers combine in multiprocess mode)
 _GAUGES: tuple[tuple[str, str, str, Literal["livesum", "livemax"]], ...] = (
