@@ -371,3 +371,82 @@ async def test_run_mirror_checks_its_interval() -> None:
     for bad in (0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match=r"^interval must be a positive number of seconds, "):
             await mcs.prometheus.run_mirror(bad)
+
+
+# ---------------------------------------------------------------------- the dashboard
+
+GRAFANA = ROOT / "examples" / "grafana"
+_NOT_METRICS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and"}
+_NOT_METRICS |= {"or", "unless", "offset"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: identifiers that are not functions,
+    keywords, label matchers, ranges or grouping labels."""
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
+    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", expr)  # grouping labels
+    names = set()
+    for match in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*", expr):  # not in 5m, 0.9
+        if not expr[match.end() :].lstrip().startswith("("):  # a function call
+            names.add(match[0])
+    return names - _NOT_METRICS
+
+
+def test_metric_names_of_promql() -> None:
+    expr = (
+        'histogram_quantile(0.99, sum by (batcher, le) (rate(a_bucket{batcher=~"$b"}'
+        "[$__rate_interval]))) / on (batcher) b_total + max without (x) (c) or d offset 5m"
+    )
+    assert metric_names(expr) == {"a_bucket", "b_total", "c", "d"}
+
+
+async def test_the_dashboard_reads_only_metrics_that_a_scrape_has() -> None:
+    dashboard = json.loads((GRAFANA / "dashboard.json").read_text(encoding="utf-8"))
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = set().union(*map(metric_names, exprs))
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            used |= set(re.findall(r"label_values\((\w+)", variable["definition"]))
+    titles = {panel["title"] for panel in dashboard["panels"]}
+    assert {"Queue depth", "Batch size", "In flight vs limit", "p99 queue wait"} <= titles
+    assert any(
+        e.startswith("histogram_quantile(0.99,") and "mcs_batcher_queue_wait_seconds_bucket" in e
+        for e in exprs
+    )
+
+    registry = CollectorRegistry()
+    mcs.prometheus.register(registry)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        async with mcs.open_batcher(_echo, name="echo") as batcher:
+            await batcher(1)
+            url = f"http://127.0.0.1:{server.server_port}/metrics"
+            text = await trio.to_thread.run_sync(lambda: urllib.request.urlopen(url).read())
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    scraped = {name for name, _ in parse(text.decode())}
+    assert used
+    assert used <= scraped, used - scraped
+    assert {
+        "mcs_batcher_queued",
+        "mcs_batcher_in_flight",
+        "mcs_batcher_max_in_flight",
+        "mcs_batcher_batch_size_sum",
+        "mcs_batcher_queue_wait_seconds_bucket",
+    } <= used
+
+
+def test_the_scrape_config_points_at_the_examples_metrics() -> None:
+    import yaml  # type: ignore[import-untyped, unused-ignore]
+
+    config = yaml.safe_load((GRAFANA / "prometheus.yml").read_text(encoding="utf-8"))
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"] == [{"targets": ["127.0.0.1:8000"]}]
+
+
+async def _echo(items: list[int]) -> list[int]:
+    return items
