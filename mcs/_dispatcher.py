@@ -44,7 +44,7 @@ from ._rate import _Gcra
 from ._requests import _IN_FLIGHT, _Request
 from ._shared import extra_callers
 from ._split import deliver_error, deliver_results
-from ._tracing import batch_tracer, traced
+from ._tracing import active_tracer, traced
 
 if TYPE_CHECKING:
     from ._batcher import Batcher
@@ -302,7 +302,7 @@ class _Dispatcher(Generic[K, V]):
         counts.batch_size_buckets.add(size)
         _CURRENT_BATCH.set(batch)  # this task's own context: seen by calls from batch_fn
         started = clock.current_time()
-        batch_fn, tracer = self._batch_fn, batch_tracer()  # tracer: None unless tracing is on
+        batch_fn, tracer = self._batch_fn, active_tracer()  # tracer: None unless tracing is on
         if tracer is not None:
             batch_fn = traced(tracer, batch_fn, self.name, records, started)
         scope = batch.scope

@@ -17,6 +17,12 @@ When it is on, each caller's span is read at batch start from the request's cont
 node's is its request task's, whose current span is the request's own while it waits for its
 graph. A caller that joins an item already in flight (``dedupe``) is not linked: its batch span
 had started.
+
+Graph nodes: a spawned node runs in a span ``mcs.spawn <node name>``, a child of the request's
+current span (its task runs in a copy of the request's context); that is one lookup per spawned
+task, which costs a task anyway. Call nodes are the batch spans' links; apply nodes, quick sync
+functions that cost no task, get no span of their own (a span each would cost more than the
+node).
 """
 
 from __future__ import annotations
@@ -30,14 +36,14 @@ if TYPE_CHECKING:
 
     from ._requests import _Request
 
-__all__ = ["batch_tracer", "traced"]
+__all__ = ["active_tracer", "traced", "traced_spawn"]
 
 _provider: object = None
 _tracer: Tracer | None = None
 
 
-def batch_tracer() -> Tracer | None:
-    """The tracer for the next batch, or None when tracing is off (called once per batch)."""
+def active_tracer() -> Tracer | None:
+    """The tracer for the next batch or spawned node, or None when tracing is off."""
     trace = sys.modules.get("opentelemetry.trace")
     if trace is None:
         return None
@@ -107,5 +113,15 @@ def traced(
                 raise
             span.set_attribute("mcs.outcome", "value")
             return results
+
+    return call
+
+
+def traced_spawn(tracer: Tracer, fn: Callable[..., Awaitable[Any]], name: str) -> Any:
+    """``fn`` run in a span ``mcs.spawn <name>``, a child of the current span."""
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        with tracer.start_as_current_span(f"mcs.spawn {name}", attributes={"mcs.node": name}):
+            return await fn(*args, **kwargs)
 
     return call

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -25,7 +26,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.util._once import Once
 
 import mcs
-from mcs._tracing import batch_tracer
+from mcs._tracing import active_tracer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +72,7 @@ def tracer() -> trace.Tracer:
 
 async def test_off_without_a_tracer_provider() -> None:
     _reset_provider()
-    assert batch_tracer() is None
+    assert active_tracer() is None
 
     async def echo(items: list[int]) -> list[int]:
         assert not trace.get_current_span().get_span_context().is_valid
@@ -295,3 +296,29 @@ async def test_the_http_example_links_batches_to_request_spans(
         else:
             assert all(r in items or best_friend[r] in items for r in requests)
     assert posts_linked == set(ids)
+
+
+async def test_a_spawned_node_is_a_child_span_of_its_request(
+    spans: InMemorySpanExporter,
+) -> None:
+    async def fetch(n: int) -> int:
+        await trio.lowlevel.checkpoint()
+        with tracer().start_as_current_span("inside"):
+            return n + 1
+
+    async def request(n: int) -> None:
+        with tracer().start_as_current_span(f"request {n}"):
+            async with mcs.open_graph() as g:
+                node = g.spawn(fetch, n, name="fetch")
+                assert await node == n + 1
+
+    async with trio.open_nursery() as nursery:
+        for n in range(2):
+            nursery.start_soon(request, n)
+    finished = spans.get_finished_spans()
+    by_id = {span_id(s): s for s in finished}
+    spawned = [s for s in finished if s.name == "mcs.spawn fetch"]
+    assert len(spawned) == 2
+    assert {by_id[s.parent.span_id].name for s in spawned if s.parent} == {"request 0", "request 1"}
+    inside = [s for s in finished if s.name == "inside"]
+    assert {s.parent.span_id for s in inside if s.parent} == {span_id(s) for s in spawned}
