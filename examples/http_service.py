@@ -40,7 +40,7 @@ the start-up with a message that names it):
     MCS_EXAMPLE_USERS       users in the data set (default 10,000)
     MCS_EXAMPLE_DELAY       seconds each query waits first, as a slower database would (0)
     MCS_EXAMPLE_QUERY_LOG   a file to which each query appends its start time (monotonic
-                            clock) and pid, to count queries across workers
+                            clock), table and pid, to count queries across workers
     MCS_DB_RATE             queries per second per table, all workers together (no limit)
     MCS_DB_IN_FLIGHT        queries in flight per table, all workers together (2 per worker
                             without Redis)
@@ -211,20 +211,20 @@ class Database:
             db = self.local.db = sqlite3.connect(self.uri, uri=True, check_same_thread=False)
         return db
 
-    def log_query(self) -> None:
+    def log_query(self, table: str) -> None:
         if self.query_log is not None:  # one short append: lines from workers never interleave
             with self.query_log.open("a") as log:
-                log.write(f"{time.monotonic():.6f} {os.getpid()}\n")
+                log.write(f"{time.monotonic():.6f} {table} {os.getpid()}\n")
 
     def users(self, ids: Sequence[int]) -> dict[int, User | None]:
-        self.log_query()
+        self.log_query("users")
         marks = ",".join("?" * len(ids))
         rows = self.connection().execute(f"SELECT * FROM users WHERE id IN ({marks})", ids)
         found = {row[0]: User(*row) for row in rows}
         return {i: found.get(i) for i in ids}
 
     def posts(self, authors: Sequence[int]) -> dict[int, list[str]]:
-        self.log_query()
+        self.log_query("posts")
         marks = ",".join("?" * len(authors))
         rows = self.connection().execute(
             f"SELECT author, body FROM posts WHERE author IN ({marks}) ORDER BY author, id DESC",
