@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from . import w1_batcher, w2_graph3, w3_deps_tree, w5_demo
+from . import w1_batcher, w2_graph3, w3_deps_tree, w5_demo, w7_scale
 from ._harness import Params, Workload, run_workloads, text_report, write_reports
 
 ALL_WORKLOADS: tuple[Workload, ...] = (
@@ -18,6 +18,7 @@ ALL_WORKLOADS: tuple[Workload, ...] = (
     *w2_graph3.WORKLOADS,
     *w3_deps_tree.WORKLOADS,
     *w5_demo.WORKLOADS,
+    *w7_scale.WORKLOADS,
 )
 
 DEFAULT_RUNS = 5

@@ -15,6 +15,8 @@ from ._graph import Graph as Graph
 from ._graph import open_graph as open_graph
 from ._histogram import BatcherHistograms as BatcherHistograms
 from ._histogram import Histogram as Histogram
+from ._limits import SharedInFlight as SharedInFlight
+from ._limits import SharedRate as SharedRate
 from ._node import Node as Node
 from ._open_batcher import open_batcher as open_batcher
 from ._rate import RateLimit as RateLimit
@@ -41,6 +43,8 @@ __all__ = [
     "Overloaded",
     "Percentiles",
     "RateLimit",
+    "SharedInFlight",
+    "SharedRate",
     "autoscale",
     "open_batcher",
     "open_graph",

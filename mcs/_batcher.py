@@ -59,6 +59,7 @@ from ._dispatcher import _CURRENT_BATCH, _FOR_FILL, _FOR_ITEMS, _Dispatcher, cal
 from ._exceptions import BatchResultError, Overloaded
 from ._histogram import BatcherHistograms
 from ._intake import _Intake
+from ._limits import SharedInFlight, SharedRate, _CapacitySlots
 from ._many import call_many
 from ._park import park
 from ._rate import RateLimit, _Gcra
@@ -128,23 +129,35 @@ class Batcher(Generic[K, V]):
         *,
         max_batch_size: int = 100,
         max_wait: float = 0.0,
-        max_in_flight: int = 1,
-        rate: RateLimit | None = None,
+        max_in_flight: int | trio.CapacityLimiter | SharedInFlight = 1,
+        rate: RateLimit | SharedRate | None = None,
         queue_size: int | float = 10_000,
         overload: Literal["block", "reject"] = "block",
         dedupe: bool = False,
         key: Callable[[K], Hashable] | None = None,
         batch_timeout: float | None = None,
         cancel_abandoned: bool = False,
+        on_batch_error: Literal["fail", "split"] = "fail",
         name: str | None = None,
     ) -> None:
         if not callable(batch_fn) or not is_async_callable(batch_fn):
             raise TypeError(f"batch_fn must be an async function, got {batch_fn!r}")
         check_int("max_batch_size", max_batch_size, 1)
         max_wait = check_seconds("max_wait", max_wait)
-        check_int("max_in_flight", max_in_flight, 1)
-        if rate is not None and not isinstance(rate, RateLimit):
+        slots: SharedInFlight | None = None
+        if isinstance(max_in_flight, trio.CapacityLimiter):
+            slots = _CapacitySlots(max_in_flight)
+        elif isinstance(max_in_flight, SharedInFlight):
+            slots = max_in_flight
+        else:  # (the message says "an int": the shared kinds are documented)
+            check_int("max_in_flight", max_in_flight, 1)
+        shared_rate: SharedRate | None = None
+        if isinstance(rate, SharedRate):
+            shared_rate, rate = rate, rate.limit
+        elif rate is not None and not isinstance(rate, RateLimit):
             raise TypeError(f"rate must be a mcs.RateLimit or None, got {rate!r}")
+        if on_batch_error not in ("fail", "split"):
+            raise ValueError(f"on_batch_error must be 'fail' or 'split', got {on_batch_error!r}")
         if queue_size != math.inf:
             check_int("queue_size", queue_size, 1)
         if overload not in ("block", "reject"):
@@ -185,12 +198,15 @@ class Batcher(Generic[K, V]):
             self._counts,
             batch_cap=min(max_batch_size, rate.burst) if rate and counts_items else max_batch_size,
             max_wait=max_wait,
-            max_in_flight=max_in_flight,
-            gcra=_Gcra(rate) if rate is not None else None,
+            max_in_flight=max_in_flight if isinstance(max_in_flight, int) else 1,
+            gcra=_Gcra(rate) if rate is not None and shared_rate is None else None,
             rate_counts_items=counts_items,
             shares=dedupe,
             batch_timeout=batch_timeout,
             cancel_abandoned=cancel_abandoned,
+            slots=slots,
+            shared_rate=shared_rate,
+            split=on_batch_error == "split",
         )
 
     # ------------------------------------------------------------------ public API
@@ -255,11 +271,25 @@ class Batcher(Generic[K, V]):
     @property
     def max_in_flight(self) -> int:
         """How many batch_fn calls may run at once. Settable at any time: raising it lets
-        queued batches leave at once; lowering it never cancels a running batch."""
-        return self._dispatcher.max_in_flight
+        queued batches leave at once; lowering it never cancels a running batch.
+
+        With a shared in-flight limit (a ``trio.CapacityLimiter`` or one on Redis), this is
+        the shared total, and it is set on the shared limit, not here.
+
+        Raises:
+            AttributeError: when set on a batcher whose in-flight limit is shared.
+        """
+        slots = self._dispatcher.slots
+        return self._dispatcher.max_in_flight if slots is None else slots.total
 
     @max_in_flight.setter
     def max_in_flight(self, value: int) -> None:
+        slots = self._dispatcher.slots
+        if slots is not None:
+            raise AttributeError(
+                f"batcher {self.name!r}: max_in_flight is shared ({slots!r}); "
+                "change the shared limit instead"
+            )
         check_int("max_in_flight", value, 1)
         now = self._clock.current_time() if self._clock is not None else 0.0
         self._dispatcher.set_max_in_flight(value, now)
@@ -281,7 +311,7 @@ class Batcher(Generic[K, V]):
             queued=self._intake.queued,
             waiting_for_room=self._intake.waiting_for_room,
             in_flight=dispatcher.in_flight,
-            max_in_flight=dispatcher.max_in_flight,
+            max_in_flight=self.max_in_flight,
             now=clock.current_time() if clock is not None else None,
         )
 
@@ -297,7 +327,7 @@ class Batcher(Generic[K, V]):
         dispatcher = self._dispatcher
         return (
             f"<mcs.Batcher {self.name!r} {state}: queued={self._intake.queued} "
-            f"in_flight={dispatcher.in_flight}/{dispatcher.max_in_flight}>"
+            f"in_flight={dispatcher.in_flight}/{self.max_in_flight}>"
         )
 
     # ------------------------------------------------------------------ intake

@@ -25,8 +25,10 @@ class _Counters:
         "callers_served",
         "cancelled_batches",
         "dropped",
+        "failed_alone",
         "failed_batches",
         "items",
+        "limit_errors",
         "peak_batch",
         "queue_wait_buckets",
         "queue_waits",
@@ -34,6 +36,7 @@ class _Counters:
         "rate_waits",
         "rejected",
         "saturation",
+        "split_batches",
         "timed_out_batches",
         "withdrawn",
     )
@@ -51,6 +54,9 @@ class _Counters:
         self.withdrawn = 0
         self.dropped = 0
         self.rate_waits = 0
+        self.split_batches = 0  # failed batches cut in two (on_batch_error="split")
+        self.failed_alone = 0  # callers whose item failed on its own after a split
+        self.limit_errors = 0  # batches failed because a shared limit was unavailable
         self.rate_wait_time = 0.0
         self.queue_waits = _Samples()
         self.batch_times = _Samples()
@@ -102,5 +108,8 @@ class _Counters:
             dropped=self.dropped,
             rate_limit_waits=self.rate_waits,
             rate_limit_wait_time=self.rate_wait_time,
+            split_batches=self.split_batches,
+            failed_alone=self.failed_alone,
+            limit_errors=self.limit_errors,
             saturation=0.0 if saturation is None or now is None else saturation.share(now),
         )

@@ -7,9 +7,10 @@ out of the task means it is tested without a scheduler, one state at a time.
 
 Batching is opportunistic: when a slot is free, everything queued (up to the batch cap) leaves
 at once, so a lone call leaves within a scheduler pass and batches grow by themselves while all
-slots are busy. ``max_wait`` trades latency for fuller batches; the rate limit, counting items,
-waits until the whole queued batch fits, so that under load the downstream sees full batches at
-the limited rate rather than single items.
+slots are busy. A batch split after an error (``on_batch_error="split"``) sends its parts
+first: their callers have waited longest. ``max_wait`` trades latency for fuller batches; the
+rate limit, counting items, waits until the whole queued batch fits, so that under load the
+downstream sees full batches at the limited rate rather than single items.
 """
 
 from __future__ import annotations
@@ -49,10 +50,21 @@ def next_step(
     gcra: _Gcra | None,
     rate_counts_items: bool,
     now: float,
+    split_units: int = 0,
 ) -> tuple[Step, float]:
-    """The next step, and until when to wait for it (``math.inf``: until woken)."""
+    """The next step, and until when to wait for it (``math.inf``: until woken).
+
+    ``split_units`` is the size of the next part of a split batch (``on_batch_error="split"``),
+    0 if none waits: such a part leaves before anything queued, as soon as limits allow.
+    """
     if in_flight >= max_in_flight:
         return Step.FOR_SLOT, math.inf
+    if split_units:
+        if gcra is not None:
+            ready = gcra.ready_at(split_units if rate_counts_items else 1, now)
+            if ready > now:
+                return Step.FOR_RATE, ready
+        return _SEND, now
     queued = intake.queued
     if not queued:
         return (Step.STOP, now) if closed else (Step.FOR_ITEMS, math.inf)

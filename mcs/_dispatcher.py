@@ -17,12 +17,28 @@ in a cancel scope only when ``batch_timeout`` or ``cancel_abandoned`` needs one 
 batch, never per item). Whatever batch_fn does, the batch task ends normally and every caller of
 the batch gets one outcome; only a KeyboardInterrupt or SystemExit out of batch_fn (after the
 callers were told) and the batcher's own cancellation leave it.
+
+Shared limits (``_limits.py``: a ``trio.CapacityLimiter``, or a limit on Redis) are the one
+place where the dispatcher awaits something other than its own park: once it may send a batch
+by its own rules, it takes a slot and a rate reservation from them ("passes the gates"), at most
+one await of each per batch, while the queue keeps filling. Anything that would wake a parked
+dispatcher (a caller leaving, a batch to cancel) cancels the wait for a slot or for the reserved
+time instead; what was obtained is kept for the next batch, and a slot held while there is
+nothing to send is given back at once.
+
+``on_batch_error="split"``: when batch_fn raises for a batch of several items, the batch is cut
+in two halves that queue ahead of everything else and go out like any batch (within every
+limit); a half that fails again is cut again, down to single items, each of which fails alone
+with its own error. k poison items in n cost at most ``2 k ceil(log2 n)`` extra calls.
 """
 
 from __future__ import annotations
 
 import contextvars
 import math
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import trio
@@ -38,6 +54,7 @@ from trio.lowlevel import (
 from ._counters import _Counters
 from ._dispatch import Step, next_step
 from ._intake import _Intake
+from ._limits import SharedInFlight, SharedRate
 from ._log import batch_failed
 from ._park import park, wake
 from ._rate import _Gcra
@@ -55,6 +72,8 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 _RUNNING: Final = -1  # the dispatcher is not parked
+_IN_GATE: Final = -2  # waiting for a shared limit: a wake-up cancels the wait
+_UNBOUNDED: Final = 2**62  # the local in-flight bound when a shared one decides
 _FOR_SLOT: Final = Step.FOR_SLOT
 _FOR_ITEMS: Final = Step.FOR_ITEMS
 _FOR_FILL: Final = Step.FOR_FILL
@@ -66,10 +85,27 @@ _STOP: Final = Step.STOP
 class _Batch:
     """One running batch_fn call: its records, and what abandonment and nested calls need."""
 
-    __slots__ = ("dispatcher", "live", "nested_waits", "records", "running", "scope")
+    __slots__ = (
+        "dispatcher",
+        "live",
+        "nested_waits",
+        "part",
+        "records",
+        "running",
+        "scope",
+        "token",
+    )
 
-    def __init__(self, dispatcher: _Dispatcher[Any, Any], records: list[_Request[Any, Any]]):
+    def __init__(
+        self,
+        dispatcher: _Dispatcher[Any, Any],
+        records: list[_Request[Any, Any]],
+        part: bool = False,
+        token: object = None,
+    ):
         self.dispatcher = dispatcher
+        self.part = part  # a part of a split batch: its items were sent before
+        self.token = token  # the shared in-flight slot it holds, if any
         self.records = records
         self.live = len(records)  # callers that have not left
         self.scope: trio.CancelScope | None = None
@@ -91,8 +127,12 @@ class _Dispatcher(Generic[K, V]):
         "_abandoned",
         "_batch_fn",
         "_clock",
+        "_gate_scope",
         "_nursery",
+        "_reserved",
+        "_splits",
         "_task",
+        "_token",
         "batch_cap",
         "batch_timeout",
         "blocked",
@@ -105,7 +145,10 @@ class _Dispatcher(Generic[K, V]):
         "max_wait",
         "name",
         "rate_counts_items",
+        "shared_rate",
         "shares",
+        "slots",
+        "split",
         "waiting_for",
     )
 
@@ -124,6 +167,9 @@ class _Dispatcher(Generic[K, V]):
         shares: bool,
         batch_timeout: float | None,
         cancel_abandoned: bool,
+        slots: SharedInFlight | None = None,
+        shared_rate: SharedRate | None = None,
+        split: bool = False,
     ) -> None:
         self.name = name
         self._batch_fn = batch_fn
@@ -131,7 +177,11 @@ class _Dispatcher(Generic[K, V]):
         self.counts = counts
         self.batch_cap = batch_cap
         self.max_wait = max_wait
-        self.max_in_flight = max_in_flight
+        # With shared slots, the shared budget is the only in-flight bound.
+        self.max_in_flight = max_in_flight if slots is None else _UNBOUNDED
+        self.slots = slots
+        self.shared_rate = shared_rate
+        self.split = split
         self.gcra = gcra
         self.rate_counts_items = rate_counts_items
         self.shares = shares  # dedupe: records may be shared items with several callers
@@ -144,6 +194,10 @@ class _Dispatcher(Generic[K, V]):
         self._abandoned: list[_Batch] = []  # batches to cancel (cancel_abandoned)
         self._clock: trio.abc.Clock | None = None
         self._nursery: trio.Nursery | None = None
+        self._gate_scope: trio.CancelScope | None = None  # while waiting in a shared limit
+        self._token: object = None  # a shared slot taken for the next batch
+        self._reserved: tuple[float, int] | None = None  # (ready at, units) for the next batch
+        self._splits: deque[list[_Request[K, V]]] = deque()  # parts of split batches, to send
 
     def start(self, nursery: trio.Nursery, clock: trio.abc.Clock) -> None:
         self._nursery = nursery
@@ -158,6 +212,8 @@ class _Dispatcher(Generic[K, V]):
             self._task = None
             self.waiting_for = _RUNNING
             wake(task)
+        elif self._gate_scope is not None:
+            self._gate_scope.cancel()
 
     def item_arrived(self) -> None:
         waiting_for = self.waiting_for
@@ -208,8 +264,18 @@ class _Dispatcher(Generic[K, V]):
                     batch.scope.cancel()
 
     async def _loop(self) -> None:
-        clock, intake, counts = self._clock, self.intake, self.counts
+        try:
+            await self._dispatch()
+        finally:
+            if self._token is not None:  # a shared slot taken for a batch that never left
+                token, self._token = self._token, None
+                assert self.slots is not None
+                self.slots.release(token)
+
+    async def _dispatch(self) -> None:
+        clock, intake, counts, splits = self._clock, self.intake, self.counts, self._splits
         assert clock is not None
+        gated = self.slots is not None or self.shared_rate is not None
         settled = False  # a scheduler pass has gone by since the dispatcher last woke
         rate_wait_started: float | None = None
         while True:
@@ -226,38 +292,134 @@ class _Dispatcher(Generic[K, V]):
                 gcra=self.gcra,
                 rate_counts_items=self.rate_counts_items,
                 now=now,
+                split_units=len(splits[0]) if splits else 0,
             )
             if step == _SEND:
                 if not settled:
                     settled = True  # let every task of this scheduler pass add its items
                     await cancel_shielded_checkpoint()
                     continue
+                if gated:
+                    if not await self._pass_gates():
+                        continue
+                    now = clock.current_time()
                 if rate_wait_started is not None:
                     counts.rate_wait_time += now - rate_wait_started
                     rate_wait_started = None
                 self._start_batch(now)
-            elif step == _STOP:
-                return
+            elif step == _STOP and not (self.split and self.in_flight):
+                return  # (a running batch may still split: wait for it)
             else:
+                if step == _STOP:
+                    step = _FOR_ITEMS
                 if step == _FOR_ITEMS:
                     rate_wait_started = None  # the waiting items left
+                    if self._token is not None:  # nothing to send: let others have the slot
+                        token, self._token = self._token, None
+                        assert self.slots is not None
+                        self.slots.release(token)
                 elif step == _FOR_RATE and rate_wait_started is None:
                     rate_wait_started = now  # one wait per batch, however often it re-waits
                     counts.rate_waits += 1
                 settled = False
                 await self._park(step, until)
 
-    def _start_batch(self, now: float) -> None:
-        records = self.intake.take(self.batch_cap)
+    # ------------------------------------------------------------------ shared limits
+
+    async def _pass_gates(self) -> bool:
+        """Take a shared slot and a shared rate reservation for the next batch.
+
+        True when both are held; False when a wake-up cut a wait short, or a shared limit
+        was unavailable (the next batch's callers then got the error).
+        """
+        clock = self._clock
+        assert clock is not None
+        try:
+            if self.slots is not None and self._token is None:
+                saturation = self.counts.saturation
+                assert saturation is not None
+                saturation.update(True, clock.current_time())  # until a slot is ours
+                try:
+                    with self._gate() as scope:
+                        self._token = await self.slots.acquire()
+                finally:
+                    saturation.update(False, clock.current_time())
+                if scope.cancelled_caught:
+                    return False
+            rate = self.shared_rate
+            if rate is not None:
+                if self._reserved is None:
+                    units = 1
+                    if self.rate_counts_items:
+                        splits = self._splits
+                        units = (
+                            len(splits[0]) if splits else min(self.intake.queued, self.batch_cap)
+                        )
+                    delay = await rate.reserve(units)  # never cut short: a booking is kept
+                    now = clock.current_time()
+                    self._reserved = (now + delay, units)
+                    if delay > 0:
+                        self.counts.rate_waits += 1
+                        self.counts.rate_wait_time += delay
+                ready_at = self._reserved[0]
+                if clock.current_time() < ready_at:
+                    with self._gate() as scope:
+                        await trio.sleep_until(ready_at)
+                    if scope.cancelled_caught:
+                        return False
+        except trio.BrokenResourceError as exc:
+            self._fail_next_batch(exc)
+            return False
+        return True
+
+    @contextmanager
+    def _gate(self) -> Iterator[trio.CancelScope]:
+        """A wait in a shared limit, which :meth:`wake` cuts short."""
+        with trio.CancelScope() as scope:
+            self._gate_scope = scope
+            self.waiting_for = _IN_GATE
+            try:
+                yield scope
+            finally:
+                self._gate_scope = None
+                self.waiting_for = _RUNNING
+
+    def _fail_next_batch(self, cause: trio.BrokenResourceError) -> None:
+        """A shared limit is unavailable: the batch that would have left fails, with an error
+        that names the batcher and the limit."""
+        assert self._clock is not None
+        records = self._splits.popleft() if self._splits else self.intake.take(self.batch_cap)
         if not records:
             return
+        error = trio.BrokenResourceError(f"batcher {self.name!r}: {cause}")
+        error.__cause__ = cause
+        self.counts.limit_errors += 1
+        served = deliver_error(records, error, None, self._clock.current_time())
+        self.counts.callers_served += served + (extra_callers(records) if self.shares else 0)
+
+    # ------------------------------------------------------------------ starting a batch
+
+    def _start_batch(self, now: float) -> None:
+        part = bool(self._splits)
+        if part:
+            records = self._splits.popleft()
+        else:
+            cap = self.batch_cap
+            if self._reserved is not None and self.rate_counts_items:
+                cap = min(cap, self._reserved[1])  # no more items than were booked
+            records = self.intake.take(cap)
+            if not records:
+                return
+        self._reserved = None
+        token, self._token = self._token, None
         counts = self.counts
         if self.gcra is not None:
             self.gcra.take(len(records) if self.rate_counts_items else 1, now)
-        waits = [now - request.t0 for request in records]
-        counts.queue_waits.extend(waits)
-        counts.queue_wait_buckets.extend(waits)
-        batch = _Batch(self, records)
+        if not part:
+            waits = [now - request.t0 for request in records]
+            counts.queue_waits.extend(waits)
+            counts.queue_wait_buckets.extend(waits)
+        batch = _Batch(self, records, part, token)
         if self.batch_timeout is not None or self.cancel_abandoned:
             timeout = self.batch_timeout
             batch.scope = trio.CancelScope(deadline=math.inf if timeout is None else now + timeout)
@@ -282,18 +444,21 @@ class _Dispatcher(Generic[K, V]):
             # Callers who left between the dispatcher taking the batch and this task starting:
             # their items have not reached batch_fn, so they count as withdrawn, not dropped.
             live = [request for request in records if request.state == _IN_FLIGHT]
-            gone = sum(
-                getattr(request, "dropped", 1) for request in records if request.state != _IN_FLIGHT
-            )
-            counts.dropped -= gone
-            counts.withdrawn += gone
+            if not batch.part:  # (a part's items were sent before: its callers dropped them)
+                gone = sum(
+                    getattr(request, "dropped", 1)
+                    for request in records
+                    if request.state != _IN_FLIGHT
+                )
+                counts.dropped -= gone
+                counts.withdrawn += gone
             records = batch.records = live
             batch.live = len(live)
         items = [request.item for request in records]
         if not items:  # nothing left to send: this was never a batch
             batch.running = False
             counts.batches -= 1
-            self._release_slot(clock.current_time())
+            self._release_slot(batch, clock.current_time())
             return
         size = len(items)
         counts.items += size
@@ -318,8 +483,14 @@ class _Dispatcher(Generic[K, V]):
                     return
         except Exception as exc:
             counts.failed_batches += 1
+            if self.split and len(records) > 1:
+                self._split(records)
+                self._batch_done(batch, started)
+                return
             now = self._batch_done(batch, started)
             served = deliver_error(records, exc, exc.__traceback__, now)
+            if batch.part:
+                counts.failed_alone += served
             counts.callers_served += served + (extra_callers(records) if self.shares else 0)
             batch_failed(self.name, exc, size)
         except BaseException as exc:
@@ -345,6 +516,15 @@ class _Dispatcher(Generic[K, V]):
             # raised during delivery: it must not keep the records (see _split.py).
             records = batch.records = items = results = None  # type: ignore[assignment]
 
+    def _split(self, records: list[_Request[K, V]]) -> None:
+        """batch_fn raised for several items: send each half again, ahead of the queue."""
+        self.counts.split_batches += 1
+        live = [request for request in records if request.state == _IN_FLIGHT]
+        half = (len(live) + 1) // 2
+        self._splits.extend(part for part in (live[:half], live[half:]) if part)
+        if self.waiting_for == _FOR_ITEMS or self.waiting_for == _FOR_FILL:
+            self.wake()
+
     def _cut_short(self, batch: _Batch, records: list[_Request[K, V]], started: float) -> None:
         """batch_fn was cancelled: by ``batch_timeout``, or because all its callers left."""
         now = self._batch_done(batch, started)
@@ -369,16 +549,24 @@ class _Dispatcher(Generic[K, V]):
         self.counts.batch_times.add(now - started)
         self.counts.batch_time_buckets.add(now - started)
         self.counts.busy_time += now - started
-        self._release_slot(now)
+        self._release_slot(batch, now)
         return now
 
-    def _release_slot(self, now: float) -> None:
+    def _release_slot(self, batch: _Batch, now: float) -> None:
+        if batch.token is not None:
+            token, batch.token = batch.token, None
+            assert self.slots is not None
+            self.slots.release(token)
         was_saturated = self.in_flight >= self.max_in_flight
         self.in_flight -= 1
         if was_saturated:
             assert self.counts.saturation is not None
             self.counts.saturation.update(self.in_flight >= self.max_in_flight, now)
-        if self.waiting_for == _FOR_SLOT:
+        waiting_for = self.waiting_for
+        if waiting_for == _FOR_SLOT or (
+            # closed and drained, but the dispatcher waited in case this batch split
+            waiting_for == _FOR_ITEMS and self.split and self.intake.closed
+        ):
             self.wake()
 
 

@@ -31,6 +31,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("mcs")
+# A library's loggers stay silent until the application configures logging (the logging
+# HOWTO's advice): without this, Python's last-resort handler would print warnings to stderr.
+logger.addHandler(logging.NullHandler())
 
 
 def batch_failed(name: str, error: BaseException, size: int) -> None:

@@ -17,6 +17,7 @@ from typing import Literal, TypeVar
 import trio
 
 from ._batcher import Batcher, BatchFn
+from ._limits import SharedInFlight, SharedRate
 from ._rate import RateLimit
 from ._registry import batcher_closed, batcher_opened
 from ._util import require_trio
@@ -33,14 +34,15 @@ async def open_batcher(
     *,
     max_batch_size: int = 100,
     max_wait: float = 0.0,
-    max_in_flight: int = 1,
-    rate: RateLimit | None = None,
+    max_in_flight: int | trio.CapacityLimiter | SharedInFlight = 1,
+    rate: RateLimit | SharedRate | None = None,
     queue_size: int | float = 10_000,
     overload: Literal["block", "reject"] = "block",
     dedupe: bool = False,
     key: Callable[[K], Hashable] | None = None,
     batch_timeout: float | None = None,
     cancel_abandoned: bool = False,
+    on_batch_error: Literal["fail", "split"] = "fail",
     name: str | None = None,
 ) -> AsyncIterator[Batcher[K, V]]:
     """Open a batcher in front of ``batch_fn`` for the duration of the block.
@@ -57,7 +59,13 @@ async def open_batcher(
         max_wait: seconds a dispatcher may wait after the oldest queued item for a batch to
             fill; 0 (the default) sends whatever is queued as soon as a slot is free.
         max_in_flight: how many batch_fn calls may run at once; settable later on the batcher.
-        rate: a :class:`mcs.RateLimit` on batch_fn calls (or items), or None.
+            Or a budget shared with other batchers: a ``trio.CapacityLimiter`` (each batch
+            holds one token while it runs; e.g. three tables behind one connection pool share
+            its size) or a :class:`mcs.SharedInFlight` such as
+            :func:`mcs.redis.open_shared_in_flight` makes (shared across processes).
+        rate: a :class:`mcs.RateLimit` on batch_fn calls (or items), a :class:`mcs.SharedRate`
+            such as :func:`mcs.redis.open_shared_rate` makes (shared across processes), or
+            None.
         queue_size: how many accepted items may wait for a batch (``math.inf`` for no bound).
         overload: what a call does when the queue is full: ``"block"`` waits for room,
             ``"reject"`` raises :exc:`mcs.Overloaded` at once and queues nothing.
@@ -72,6 +80,12 @@ async def open_batcher(
             freed, and its callers get :exc:`trio.TooSlowError`. None (the default): no bound.
         cancel_abandoned: cancel a running batch_fn call as soon as every one of its callers
             has left. The default, False, lets it finish (safe for writes).
+        on_batch_error: what a batch_fn exception does. ``"fail"`` (the default) gives it to
+            every caller of the batch. ``"split"`` sends the two halves of the batch again
+            (within every limit), and so on down to single items, so that an item that breaks
+            its whole batch fails only its own caller, with its own error, and the others get
+            their results; it costs at most ``2 * ceil(log2(n))`` extra calls per such item. A
+            ``batch_timeout`` is not split: its callers get :exc:`trio.TooSlowError`.
         name: a name for statistics, reprs and errors; defaults to batch_fn's name.
 
     The block owns the batcher's tasks. On normal exit, intake stops (later calls raise
@@ -98,6 +112,7 @@ async def open_batcher(
         key=key,
         batch_timeout=batch_timeout,
         cancel_abandoned=cancel_abandoned,
+        on_batch_error=on_batch_error,
         name=name,
     )
     body_error: BaseException | None = None

@@ -196,6 +196,12 @@ class BatcherStatistics:
         rate_limit_wait_time: total seconds batches waited for the rate limit.
         saturation: share of the last second during which every in-flight slot was busy, from
             0.0 to 1.0; near 1.0 the downstream, not the callers, sets the pace.
+        split_batches: failed batch_fn calls that were cut in two and sent again
+            (``on_batch_error="split"``).
+        failed_alone: callers whose item, after splits, failed in a batch_fn call of its own
+            (``on_batch_error="split"``).
+        limit_errors: batches whose callers got an error because a shared limit (on Redis)
+            was unavailable, with ``on_unavailable="fail"``.
     """
 
     name: str
@@ -220,3 +226,6 @@ class BatcherStatistics:
     rate_limit_waits: int
     rate_limit_wait_time: float
     saturation: float
+    split_batches: int = 0
+    failed_alone: int = 0
+    limit_errors: int = 0
