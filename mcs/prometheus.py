@@ -28,8 +28,10 @@ worker). Another worker's values are at most ``interval`` seconds old; the alter
 ``worker`` label per process, multiplies the series by the workers and loses them at each
 restart.
 
-Shared limits: when a batcher reports the state of a limit shared between processes, it is
-exported too (see :func:`_shared_limit_samples`, the one place that reads it).
+Shared limits (``on_batch_error="split"``, limits shared through Redis): their counters
+(``mcs_batcher_split_batches_total``, ``…_failed_alone_total``, ``…_limit_errors_total``) are
+exported with the others. With a shared in-flight limit, ``mcs_batcher_max_in_flight`` is the
+shared total, the same in every worker: take ``max``, not ``sum``, over workers.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ METRIC_NAMES: tuple[str, ...] = (
     *(_PREFIX + name for name, _, _, _ in _GAUGES),
     *(_PREFIX + name + end for name, _, _ in _HISTOGRAMS for end in ("_bucket", "_count", "_sum")),
 )
-"""Every sample name this module exports for a batcher without shared limits."""
+"""Every sample name this module exports."""
 
 
 def _snapshots(
@@ -155,21 +157,6 @@ def _buckets(h: Histogram) -> list[tuple[str, float]]:
     return buckets
 
 
-def _shared_limit_samples(
-    stats: BatcherStatistics,
-) -> Iterator[tuple[str, str, Literal["livesum", "livemax"], float]]:
-    """(name, help, multiprocess mode, value) for the state of a limit shared between
-    processes, when the batcher has one. The seam for shared limits: no batcher reports one
-    yet, so this yields nothing until ``BatcherStatistics`` grows the fields."""
-    shared = getattr(stats, "shared_limit", None)
-    if shared is None:
-        return
-    for field in ("tokens", "waiting", "capacity"):
-        value = getattr(shared, field, None)
-        if isinstance(value, int | float) and not math.isnan(value):
-            yield f"shared_limit_{field}", f"shared limit: {field}", "livemax", float(value)
-
-
 class BatcherCollector(Collector):
     """A prometheus-client collector over batchers: by default every batcher open in the
     process at collect time; or the fixed ``batchers`` given."""
@@ -197,7 +184,6 @@ class BatcherCollector(Collector):
             name: HistogramMetricFamily(_PREFIX + name, doc, labels=_LABELS)
             for name, doc, _ in _HISTOGRAMS
         }
-        extra: dict[str, GaugeMetricFamily] = {}
         for label, (stats, hists) in sorted(snapshots.items()):
             for name, _, field in _COUNTERS:
                 counters[name].add_metric([label], float(getattr(stats, field)))
@@ -206,15 +192,9 @@ class BatcherCollector(Collector):
             for name, _, field in _HISTOGRAMS:
                 h: Histogram = getattr(hists, field)
                 histograms[name].add_metric([label], _buckets(h), sum_value=h.sum)
-            for name, doc, _, value in _shared_limit_samples(stats):
-                family = extra.setdefault(
-                    name, GaugeMetricFamily(_PREFIX + name, doc, labels=_LABELS)
-                )
-                family.add_metric([label], value)
         yield from counters.values()
         yield from gauges.values()
         yield from histograms.values()
-        yield from extra.values()
 
 
 def register(registry: CollectorRegistry = REGISTRY) -> BatcherCollector:
@@ -282,9 +262,6 @@ def mirror() -> None:
         for name, doc, field, how in _GAUGES:
             metric = _PREFIX + name
             _value("gauge", metric, metric, labels, doc, how).set(float(getattr(stats, field)))
-        for name, doc, how, value in _shared_limit_samples(stats):
-            metric = _PREFIX + name
-            _value("gauge", metric, metric, labels, doc, how).set(value)
         for name, doc, field in _HISTOGRAMS:
             metric = _PREFIX + name
             h: Histogram = getattr(hists, field)
