@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 import trio
@@ -109,18 +109,18 @@ def observe(app: ASGIFramework) -> Observed:
     return Observed(app)
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -> logging.Handler:
     """Log through structlog, with each request's bound context on every line: key=value
-    lines on stderr, for the ``mcs`` logger and everything else logged with stdlib logging."""
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-    ]
-    handler = logging.StreamHandler()
+    lines on ``stream`` (stderr), for the ``mcs`` logger and everything else logged with
+    stdlib logging. Returns the handler added to the root logger."""
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
+            foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+            ],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.KeyValueRenderer(key_order=["event", "request_id"]),
@@ -130,3 +130,4 @@ def configure_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level)
+    return handler

@@ -4,8 +4,11 @@ summary; and lines from apply and spawn code carry the request's bound context (
 
 from __future__ import annotations
 
+import importlib
+import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -14,6 +17,8 @@ import trio.lowlevel
 
 import mcs
 from mcs import _log
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def records(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
@@ -147,35 +152,29 @@ def test_nothing_is_formatted_when_the_level_is_off(caplog: pytest.LogCaptureFix
 
 
 @pytest.fixture
-def structlog_lines() -> Iterator[list[str]]:
-    """stdlib logging through structlog's formatter with ``merge_contextvars``: each line as
-    key=value text, as ``examples/observability.py`` configures it."""
-    lines: list[str] = []
+def structlog_lines(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], list[str]]]:
+    """The ``app`` logger's lines as ``examples/observability.py``'s ``configure_logging``
+    writes them (structlog's formatter with ``merge_contextvars``)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    observability = importlib.import_module("examples.observability")
+    root = logging.getLogger()
+    level = root.level
+    stream = io.StringIO()
+    handler = observability.configure_logging(logging.INFO, stream)
 
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(self.format(record))
+    def lines() -> list[str]:
+        return [line for line in stream.getvalue().splitlines() if "logger='app'" in line]
 
-    handler = Collect()
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.contextvars.merge_contextvars],
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.KeyValueRenderer(key_order=["event", "request_id"]),
-            ],
-        )
-    )
-    app = logging.getLogger("app")
-    app.addHandler(handler)
-    app.setLevel(logging.INFO)
     try:
         yield lines
     finally:
-        app.removeHandler(handler)
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
-async def test_apply_and_spawn_lines_carry_the_request_id(structlog_lines: list[str]) -> None:
+async def test_apply_and_spawn_lines_carry_the_request_id(
+    structlog_lines: Callable[[], list[str]],
+) -> None:
     """Apply functions run in a batch task when their call's result arrives, spawned nodes in
     the graph's tasks: both log with the bound context of the request they work for."""
     log = logging.getLogger("app")
@@ -199,7 +198,8 @@ async def test_apply_and_spawn_lines_carry_the_request_id(structlog_lines: list[
         async with trio.open_nursery() as nursery:
             for n in range(4):
                 nursery.start_soon(request, batcher, n)
-    assert sorted(structlog_lines) == sorted(
-        [f"event='render {n}' request_id='req-{n}'" for n in range(4)]
-        + [f"event='audit {n}' request_id='req-{n}'" for n in range(4)]
+    suffix = " level='info' logger='app'"
+    assert sorted(structlog_lines()) == sorted(
+        [f"event='render {n}' request_id='req-{n}'{suffix}" for n in range(4)]
+        + [f"event='audit {n}' request_id='req-{n}'{suffix}" for n in range(4)]
     )
