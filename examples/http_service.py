@@ -77,7 +77,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -162,7 +162,23 @@ async def open_limits(settings: Settings, table: str) -> AsyncIterator[dict[str,
     if settings.redis_url is None:
         yield {"rate": rate, "max_in_flight": settings.in_flight or 2}
         return
-    raise NotImplementedError("MCS_REDIS_URL: shared limits come with mcs.redis")
+    from mcs.redis import open_shared_in_flight, open_shared_rate
+
+    url = settings.redis_url
+    shared: dict[str, Any] = {"on_unavailable": "local", "processes": settings.workers}
+    limits: dict[str, Any] = {"rate": None, "max_in_flight": 2}
+    async with AsyncExitStack() as stack:
+        if rate is not None:
+            limits["rate"] = await stack.enter_async_context(
+                open_shared_rate(url, f"mcs-example:{table}:rate", rate, **shared)
+            )
+        if settings.in_flight is not None:
+            limits["max_in_flight"] = await stack.enter_async_context(
+                open_shared_in_flight(
+                    url, f"mcs-example:{table}:in-flight", settings.in_flight, **shared
+                )
+            )
+        yield limits
 
 
 # ---------------------------------------------------------------------- the data
