@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test docs wrk bench bench-hot
+.PHONY: demo test docs wrk redis-server bench bench-hot
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ demo: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[demo]'
 	$(BIN)/python -m mcs demo $(ARGS)
 
-test: $(BIN)/python wrk
+test: $(BIN)/python wrk redis-server
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -32,6 +32,14 @@ docs: $(BIN)/python
 wrk:
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		{ apt-get install -y -qq wrk || { apt-get update -qq && apt-get install -y -qq wrk; }; } \
+		>/dev/null 2>&1; } || true
+
+# redis-server: the Redis tests start a real one (mcs.redis). Installed the same way as wrk;
+# where it is missing those tests are skipped, with their reason.
+redis-server:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -qq redis-server || \
+		{ apt-get update -qq && apt-get install -y -qq redis-server; }; } \
 		>/dev/null 2>&1; } || true
 
 bench: $(BIN)/python

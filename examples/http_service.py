@@ -81,7 +81,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from importlib import import_module
@@ -125,8 +125,8 @@ class Settings:
     stop_seconds: float = 15.0
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str], **defaults: Any) -> Settings:
-        """The settings in ``environ``, over ``defaults``.
+    def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """The settings in ``environ``, then ``overrides`` (the command line's) over them.
 
         Raises:
             ValueError: for a value that is not a number in its range; the message names it.
@@ -143,7 +143,7 @@ class Settings:
                 raise ValueError(f"{name} must be {kind.__name__} {bound}, got {text!r}")
             return value
 
-        found: dict[str, Any] = dict(defaults)
+        found: dict[str, Any] = {}
         for field, name, kind, low, above in (
             ("users", "MCS_EXAMPLE_USERS", int, 1, False),
             ("delay", "MCS_EXAMPLE_DELAY", float, 0, False),
@@ -159,7 +159,7 @@ class Settings:
             found["query_log"] = Path(environ["MCS_EXAMPLE_QUERY_LOG"])
         if environ.get("MCS_REDIS_URL"):
             found["redis_url"] = environ["MCS_REDIS_URL"]
-        return cls(**found)
+        return cls(**(found | overrides))
 
 
 @asynccontextmanager
@@ -174,7 +174,23 @@ async def open_limits(settings: Settings, table: str) -> AsyncIterator[dict[str,
     if settings.redis_url is None:
         yield {"rate": rate, "max_in_flight": settings.in_flight or 2}
         return
-    raise NotImplementedError("MCS_REDIS_URL: shared limits come with mcs.redis")
+    from mcs.redis import open_shared_in_flight, open_shared_rate
+
+    url = settings.redis_url
+    shared: dict[str, Any] = {"on_unavailable": "local", "processes": settings.workers}
+    limits: dict[str, Any] = {"rate": None, "max_in_flight": 2}
+    async with AsyncExitStack() as stack:
+        if rate is not None:
+            limits["rate"] = await stack.enter_async_context(
+                open_shared_rate(url, f"mcs-example:{table}:rate", rate, **shared)
+            )
+        if settings.in_flight is not None:
+            limits["max_in_flight"] = await stack.enter_async_context(
+                open_shared_in_flight(
+                    url, f"mcs-example:{table}:in-flight", settings.in_flight, **shared
+                )
+            )
+        yield limits
 
 
 # ---------------------------------------------------------------------- the data
@@ -322,14 +338,15 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
 class App:
     """The ASGI application: the service lives as long as the ASGI lifespan.
 
-    ``hold_sigterm`` (on for the module-level ``app``, which hypercorn's workers run) makes the
-    lifespan hold SIGTERM, so that hypercorn's parent cannot kill a worker in the middle of its
-    drain; the worker still ends ``stop_seconds`` after the signal.
+    ``settings`` (fields of :class:`Settings`) win over the environment's. ``hold_sigterm`` (on
+    for the module-level ``app``, which hypercorn's workers run) makes the lifespan hold
+    SIGTERM, so that hypercorn's parent cannot kill a worker in the middle of its drain; the
+    worker still ends ``stop_seconds`` after the signal.
     """
 
     def __init__(self, *, hold_sigterm: bool = False, **settings: Any) -> None:
         self.hold_sigterm = hold_sigterm
-        self.defaults = settings
+        self.overrides = settings
         self.service: Service | None = None
 
     async def __call__(
@@ -347,7 +364,7 @@ class App:
         message = await receive()
         assert message["type"] == "lifespan.startup"
         try:
-            settings = Settings.from_environ(os.environ, **self.defaults)
+            settings = Settings.from_environ(os.environ, **self.overrides)
         except ValueError as exc:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
@@ -397,7 +414,7 @@ async def _hold_sigterm(
         async for _ in signals:
             break
         await trio.sleep(stop_seconds)
-    # The drain took too long: end as SIGTERM would have.
+    # Still here stop_seconds after the signal: end as SIGTERM would have ended us.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
 

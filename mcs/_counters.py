@@ -55,7 +55,7 @@ class _Counters:
         self.dropped = 0
         self.rate_waits = 0
         self.split_batches = 0  # failed batches cut in two (on_batch_error="split")
-        self.failed_alone = 0  # callers whose item failed on its own after a split
+        self.failed_alone = 0  # items that failed in a call of their own (split mode)
         self.limit_errors = 0  # batches failed because a shared limit was unavailable
         self.rate_wait_time = 0.0
         self.queue_waits = _Samples()

@@ -489,7 +489,7 @@ class _Dispatcher(Generic[K, V]):
                 return
             now = self._batch_done(batch, started)
             served = deliver_error(records, exc, exc.__traceback__, now)
-            if batch.part:
+            if self.split:  # (only single items get here)
                 counts.failed_alone += served
             counts.callers_served += served + (extra_callers(records) if self.shares else 0)
             batch_failed(self.name, exc, size)

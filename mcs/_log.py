@@ -85,14 +85,15 @@ def limit_changed(name: str, limit: str, old: float, new: float, why: str) -> No
         )
 
 
-def resource_unavailable(what: str, error: BaseException, fallback: str) -> None:
-    """A shared resource (a Redis server behind a shared limit) failed; ``fallback`` says what
-    mcs does meanwhile. Call it on the transition, not on every failed attempt."""
+def resource_unavailable(what: str, problem: str, fallback: str) -> None:
+    """A shared resource (the Redis server behind a shared limit) failed with ``problem``;
+    ``fallback`` says what mcs does meanwhile. Called on the transition, not on every failed
+    attempt."""
     if logger.isEnabledFor(logging.WARNING):
-        logger.warning("%s unavailable (%r); %s", what, error, fallback)
+        logger.warning("%s is unavailable: %s; %s", what, problem, fallback)
 
 
 def resource_available(what: str) -> None:
     """The resource of :func:`resource_unavailable` answers again."""
     if logger.isEnabledFor(logging.INFO):
-        logger.info("%s available again", what)
+        logger.info("%s is available again", what)

@@ -198,7 +198,7 @@ class BatcherStatistics:
             0.0 to 1.0; near 1.0 the downstream, not the callers, sets the pace.
         split_batches: failed batch_fn calls that were cut in two and sent again
             (``on_batch_error="split"``).
-        failed_alone: callers whose item, after splits, failed in a batch_fn call of its own
+        failed_alone: items that failed in a batch_fn call of their own, after splits or not
             (``on_batch_error="split"``).
         limit_errors: batches whose callers got an error because a shared limit (on Redis)
             was unavailable, with ``on_unavailable="fail"``.

@@ -122,18 +122,41 @@ async def test_a_block_that_fails_logs_a_warning_summary(caplog: pytest.LogCaptu
     ]
 
 
-def test_helpers_for_limits_and_shared_resources(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_limit_change_helper(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mcs")
     _log.limit_changed("db", "max_in_flight", 4, 6, "latency stable")
-    _log.resource_unavailable("redis 127.0.0.1:6379", ConnectionError("refused"), "failing fast")
-    _log.resource_available("redis 127.0.0.1:6379")
     assert records(caplog) == [
         (logging.INFO, "batcher 'db': max_in_flight 4 -> 6 (latency stable)"),
+    ]
+
+
+async def test_redis_unavailable_and_back_is_logged_once_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A shared limit's Redis store logs the transitions, not every failed attempt."""
+    from mcs.redis import _Store
+
+    store = _Store(client=None, name="shared rate limit 'api' on Redis at redis://x", timeout=1.0)
+
+    async def refused() -> None:
+        raise ConnectionRefusedError("refused")
+
+    async def answers() -> int:
+        return 1
+
+    caplog.set_level(logging.INFO, logger="mcs")
+    for _ in range(3):
+        with pytest.raises(trio.BrokenResourceError):
+            await store.run(refused)
+    assert await store.run(answers) == 1
+    assert await store.run(answers) == 1
+    assert records(caplog) == [
         (
             logging.WARNING,
-            "redis 127.0.0.1:6379 unavailable (ConnectionError('refused')); failing fast",
+            "shared rate limit 'api' on Redis at redis://x is unavailable: "
+            "ConnectionRefusedError('refused'); batches follow on_unavailable meanwhile",
         ),
-        (logging.INFO, "redis 127.0.0.1:6379 available again"),
+        (logging.INFO, "shared rate limit 'api' on Redis at redis://x is available again"),
     ]
 
 
@@ -144,7 +167,7 @@ def test_nothing_is_formatted_when_the_level_is_off(caplog: pytest.LogCaptureFix
 
     caplog.set_level(logging.CRITICAL, logger="mcs")
     _log.batch_failed("db", Loud(), 3)
-    _log.resource_unavailable("redis", Loud(), "failing fast")
+    _log.malformed_result("db", Loud())
     assert records(caplog) == []
 
 
