@@ -322,3 +322,15 @@ async def test_a_spawned_node_is_a_child_span_of_its_request(
     assert {by_id[s.parent.span_id].name for s in spawned if s.parent} == {"request 0", "request 1"}
     inside = [s for s in finished if s.name == "inside"]
     assert {s.parent.span_id for s in inside if s.parent} == {span_id(s) for s in spawned}
+
+
+async def test_a_spawned_node_of_an_untraced_request_has_no_span(
+    spans: InMemorySpanExporter,
+) -> None:
+    async def fetch(n: int) -> int:
+        await trio.lowlevel.checkpoint()
+        return n + 1
+
+    async with mcs.open_graph() as g:  # no span is current
+        assert await g.spawn(fetch, 1, name="fetch") == 2
+    assert spans.get_finished_spans() == ()
