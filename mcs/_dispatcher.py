@@ -18,18 +18,8 @@ batch, never per item). Whatever batch_fn does, the batch task ends normally and
 the batch gets one outcome; only a KeyboardInterrupt or SystemExit out of batch_fn (after the
 callers were told) and the batcher's own cancellation leave it.
 
-Shared limits (``_limits.py``: a ``trio.CapacityLimiter``, or a limit on Redis) are the one
-place where the dispatcher awaits something other than its own park: once it may send a batch
-by its own rules, it takes a slot and a rate reservation from them ("passes the gates"), at most
-one await of each per batch, while the queue keeps filling. Anything that would wake a parked
-dispatcher (a caller leaving, a batch to cancel) cancels the wait for a slot or for the reserved
-time instead; what was obtained is kept for the next batch, and a slot held while there is
-nothing to send is given back at once.
-
-``on_batch_error="split"``: when batch_fn raises for a batch of several items, the batch is cut
-in two halves that queue ahead of everything else and go out like any batch (within every
-limit); a half that fails again is cut again, down to single items, each of which fails alone
-with its own error. k poison items in n cost at most ``2 k ceil(log2 n)`` extra calls.
+Shared limits (a ``trio.CapacityLimiter``, a limit on Redis) and ``on_batch_error="split"``
+are described in ``_gates.py``, which holds the dispatcher's side of them.
 """
 
 from __future__ import annotations
@@ -37,9 +27,7 @@ from __future__ import annotations
 import contextvars
 import math
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 from trio.lowlevel import (
@@ -53,6 +41,7 @@ from trio.lowlevel import (
 
 from ._counters import _Counters
 from ._dispatch import Step, next_step
+from ._gates import _RUNNING, _Gates
 from ._intake import _Intake
 from ._limits import SharedInFlight, SharedRate
 from ._log import batch_failed
@@ -71,8 +60,6 @@ __all__ = ["_CURRENT_BATCH", "_Batch", "_Dispatcher", "call_from_batch"]
 K = TypeVar("K")
 V = TypeVar("V")
 
-_RUNNING: Final = -1  # the dispatcher is not parked
-_IN_GATE: Final = -2  # waiting for a shared limit: a wake-up cancels the wait
 _UNBOUNDED: Final = 2**62  # the local in-flight bound when a shared one decides
 _FOR_SLOT: Final = Step.FOR_SLOT
 _FOR_ITEMS: Final = Step.FOR_ITEMS
@@ -120,19 +107,15 @@ _CURRENT_BATCH: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar(
 )
 
 
-class _Dispatcher(Generic[K, V]):
+class _Dispatcher(_Gates[K, V]):
     """The batch-starting half of a batcher; the batcher owns the intake and the callers."""
 
     __slots__ = (
         "_abandoned",
         "_batch_fn",
         "_clock",
-        "_gate_scope",
         "_nursery",
-        "_reserved",
-        "_splits",
         "_task",
-        "_token",
         "batch_cap",
         "batch_timeout",
         "blocked",
@@ -145,11 +128,8 @@ class _Dispatcher(Generic[K, V]):
         "max_wait",
         "name",
         "rate_counts_items",
-        "shared_rate",
         "shares",
-        "slots",
         "split",
-        "waiting_for",
     )
 
     def __init__(
@@ -271,6 +251,8 @@ class _Dispatcher(Generic[K, V]):
                 token, self._token = self._token, None
                 assert self.slots is not None
                 self.slots.release(token)
+            if self._splits:  # shut down with parts of split batches still to send
+                self._fail_splits()
 
     async def _dispatch(self) -> None:
         clock, intake, counts, splits = self._clock, self.intake, self.counts, self._splits
@@ -299,7 +281,7 @@ class _Dispatcher(Generic[K, V]):
                     settled = True  # let every task of this scheduler pass add its items
                     await cancel_shielded_checkpoint()
                     continue
-                if gated:
+                if gated and not self._gates_open():
                     if not await self._pass_gates():
                         continue
                     now = clock.current_time()
@@ -323,79 +305,6 @@ class _Dispatcher(Generic[K, V]):
                     counts.rate_waits += 1
                 settled = False
                 await self._park(step, until)
-
-    # ------------------------------------------------------------------ shared limits
-
-    async def _pass_gates(self) -> bool:
-        """Take a shared slot and a shared rate reservation for the next batch.
-
-        True when both are held; False when a wake-up cut a wait short, or a shared limit
-        was unavailable (the next batch's callers then got the error).
-        """
-        clock = self._clock
-        assert clock is not None
-        try:
-            if self.slots is not None and self._token is None:
-                saturation = self.counts.saturation
-                assert saturation is not None
-                saturation.update(True, clock.current_time())  # until a slot is ours
-                try:
-                    with self._gate() as scope:
-                        self._token = await self.slots.acquire()
-                finally:
-                    saturation.update(False, clock.current_time())
-                if scope.cancelled_caught:
-                    return False
-            rate = self.shared_rate
-            if rate is not None:
-                if self._reserved is None:
-                    units = 1
-                    if self.rate_counts_items:
-                        splits = self._splits
-                        units = (
-                            len(splits[0]) if splits else min(self.intake.queued, self.batch_cap)
-                        )
-                    delay = await rate.reserve(units)  # never cut short: a booking is kept
-                    now = clock.current_time()
-                    self._reserved = (now + delay, units)
-                    if delay > 0:
-                        self.counts.rate_waits += 1
-                        self.counts.rate_wait_time += delay
-                ready_at = self._reserved[0]
-                if clock.current_time() < ready_at:
-                    with self._gate() as scope:
-                        await trio.sleep_until(ready_at)
-                    if scope.cancelled_caught:
-                        return False
-        except trio.BrokenResourceError as exc:
-            self._fail_next_batch(exc)
-            return False
-        return True
-
-    @contextmanager
-    def _gate(self) -> Iterator[trio.CancelScope]:
-        """A wait in a shared limit, which :meth:`wake` cuts short."""
-        with trio.CancelScope() as scope:
-            self._gate_scope = scope
-            self.waiting_for = _IN_GATE
-            try:
-                yield scope
-            finally:
-                self._gate_scope = None
-                self.waiting_for = _RUNNING
-
-    def _fail_next_batch(self, cause: trio.BrokenResourceError) -> None:
-        """A shared limit is unavailable: the batch that would have left fails, with an error
-        that names the batcher and the limit."""
-        assert self._clock is not None
-        records = self._splits.popleft() if self._splits else self.intake.take(self.batch_cap)
-        if not records:
-            return
-        error = trio.BrokenResourceError(f"batcher {self.name!r}: {cause}")
-        error.__cause__ = cause
-        self.counts.limit_errors += 1
-        served = deliver_error(records, error, None, self._clock.current_time())
-        self.counts.callers_served += served + (extra_callers(records) if self.shares else 0)
 
     # ------------------------------------------------------------------ starting a batch
 

@@ -67,6 +67,11 @@ class SharedInFlight(abc.ABC):
     def total(self) -> int:
         """How many slots the budget has, summed over everyone who shares it."""
 
+    def acquire_nowait(self) -> object:
+        """A slot at once if one is free and that can be known without waiting, else None
+        (then the batcher awaits :meth:`acquire`). The default returns None."""
+        return None
+
     @abc.abstractmethod
     async def acquire(self) -> object:
         """Wait for a slot and return a token for :meth:`release`.
@@ -95,12 +100,17 @@ class _CapacitySlots(SharedInFlight):
         total = self.limiter.total_tokens
         return total if isinstance(total, int) else 2**62  # math.inf: no bound
 
-    async def acquire(self) -> object:
+    def acquire_nowait(self) -> object:
         token = object()  # the borrower: one per batch, so the limiter counts batches
         try:
             self.limiter.acquire_on_behalf_of_nowait(token)
         except trio.WouldBlock:
-            await self.limiter.acquire_on_behalf_of(token)
+            return None
+        return token
+
+    async def acquire(self) -> object:
+        token = object()
+        await self.limiter.acquire_on_behalf_of(token)
         return token
 
     def release(self, token: object) -> None:

@@ -172,3 +172,18 @@ def test_a_record_in_flight_cannot_be_withdrawn_by_the_intake() -> None:
     (record,) = intake.take(1)
     with pytest.raises(AssertionError):
         intake.withdraw(record)
+
+
+def test_a_split_part_leaves_first_within_slot_and_rate_limits() -> None:
+    intake, _ = intake_with()  # nothing queued: the part alone is reason to send
+    assert step(intake, split_units=3) == (Step.SEND, 0.0)
+    intake.closed = True  # closed and drained, but a part is waiting: not STOP
+    assert step(intake, split_units=3) == (Step.SEND, 0.0)
+    intake, _ = intake_with(0.0)
+    # max_wait would wait for the batch to fill; a part does not.
+    assert step(intake, now=0.5, max_wait=2.0, batch_cap=5, split_units=2) == (Step.SEND, 0.5)
+    assert step(intake, in_flight=1, max_in_flight=1, split_units=2) == (Step.FOR_SLOT, math.inf)
+    gcra = _Gcra(RateLimit(10, per=1.0, burst=3, unit="item"))  # 0.1 s per item
+    gcra.take(3, 0.0)
+    # The rate counts the part's own items: (2 - 3) * 0.1 + 0.3 = 0.2.
+    assert step(intake, gcra=gcra, rate_counts_items=True, split_units=2) == (Step.FOR_RATE, 0.2)

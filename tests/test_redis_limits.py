@@ -342,3 +342,64 @@ def open_limit(url: str, kind: str, on_unavailable: Any, timeout: float = 0.5) -
                 yield {"max_in_flight": slots}
 
     return opened()
+
+
+# ---------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"url": None}, TypeError, r"url must be a str, got None"),
+        ({"key": ""}, TypeError, r"key must be a non-empty str, got ''"),
+        ({"limit": 100}, TypeError, r"limit must be a mcs\.RateLimit, got 100"),
+        (
+            {"on_unavailable": "retry"},
+            ValueError,
+            r"on_unavailable must be 'fail' or 'local', got 'retry'",
+        ),
+        (
+            {"on_unavailable": "local"},
+            ValueError,
+            r"on_unavailable='local' needs processes=, the number of processes that share the "
+            r"limit, got processes=None",
+        ),
+        ({"processes": 0}, ValueError, r"processes must be >= 1, got 0"),
+        ({"timeout": 0}, ValueError, r"timeout must be > 0 and finite, got 0"),
+    ],
+)
+async def test_bad_shared_rate_arguments_are_refused_before_connecting(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    arguments: dict[str, Any] = {
+        "url": "redis://127.0.0.1:1/0",
+        "key": "k",
+        "limit": mcs.RateLimit(10),
+    }
+    arguments.update(kwargs)
+    with pytest.raises(error, match=f"^{message}$"):
+        async with mcs.redis.open_shared_rate(**arguments):
+            pass  # pragma: no cover
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"max_in_flight": 0}, ValueError, r"max_in_flight must be >= 1, got 0"),
+        ({"max_in_flight": 2.5}, TypeError, r"max_in_flight must be an int, got 2\.5"),
+        ({"lease": -1}, ValueError, r"lease must be > 0 and finite, got -1"),
+        (
+            {"lease": 0.5, "timeout": 1.0},
+            ValueError,
+            r"lease must be longer than timeout=1\.0, got 0\.5",
+        ),
+    ],
+)
+async def test_bad_shared_in_flight_arguments_are_refused_before_connecting(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    arguments: dict[str, Any] = {"url": "redis://127.0.0.1:1/0", "key": "k", "max_in_flight": 2}
+    arguments.update(kwargs)
+    with pytest.raises(error, match=f"^{message}$"):
+        async with mcs.redis.open_shared_in_flight(**arguments):
+            pass  # pragma: no cover

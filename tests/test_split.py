@@ -289,3 +289,29 @@ def test_split_isolates_any_poison_items_within_every_limit(
     if rate is not None:
         counted = [(at, len(items) if rate.unit == "item" else 1) for at, items in downstream.calls]
         assert rate_bound_violations(counted, rate) == []
+
+
+async def test_parts_waiting_when_the_block_is_aborted_fail_their_callers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    downstream = Downstream({0})
+    outcomes: dict[int, Any] = {}
+    aborted = []
+    try:
+        async with trio.open_nursery() as nursery:
+            async with mcs.open_batcher(
+                downstream, max_batch_size=4, on_batch_error="split"
+            ) as batcher:
+                for item in range(4):
+                    nursery.start_soon(outcome, batcher, item, outcomes)
+                await trio.sleep(1.5)  # failed at 1.0; part 0-1 runs, part 2-3 waits
+                raise RuntimeError("abort")
+    except* RuntimeError as group:
+        aborted.append(group)
+    assert len(aborted) == 1
+    assert sorted(outcomes) == [0, 1, 2, 3]  # nobody hangs
+    for item in range(4):
+        assert isinstance(outcomes[item], trio.BrokenResourceError)
+    assert (
+        str(outcomes[2]) == f"batcher {batcher.name!r} was shut down while this item was in flight"
+    )
