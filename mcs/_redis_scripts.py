@@ -18,7 +18,7 @@ In flight (leases). State: a sorted set of lease ids scored by their expiry. Acq
 drops expired leases (a crashed holder's slots come back within the lease time), then adds one
 if fewer than ``total`` remain; otherwise it says in how many microseconds the earliest lease
 expires. Holders renew their leases well before expiry; a renewal never revives a lease that
-was released or already reclaimed.
+was released or already reclaimed, and returns the ids it did not find.
 """
 
 from __future__ import annotations
@@ -82,15 +82,16 @@ RENEW = (
     + """
 local key = KEYS[1]
 local lease = tonumber(ARGV[1])
-local renewed = 0
+local missing = {}
 for i = 2, #ARGV do
   if redis.call('ZSCORE', key, ARGV[i]) then
     redis.call('ZADD', key, 'XX', int(now + lease), ARGV[i])
-    renewed = renewed + 1
+  else
+    missing[#missing + 1] = ARGV[i]
   end
 end
 local ttl = math.ceil(lease / 1000) + 1000
 if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, int(ttl)) end
-return renewed
+return missing
 """
 )

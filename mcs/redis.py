@@ -212,6 +212,9 @@ class RedisInFlight(SharedInFlight):
     Attributes:
         key: the Redis key of the sorted set of leases (``mcs:in_flight:<key>``).
         lease: seconds a slot stays taken if its holder stops renewing it (crashes).
+        lost: leases this process held that had expired when it came to renew them (the
+            process was paused for longer than ``lease``, or Redis lost its data); their slots
+            may have gone to others meanwhile.
     """
 
     def __init__(
@@ -232,7 +235,7 @@ class RedisInFlight(SharedInFlight):
         self._renew = store.script(scripts.RENEW)
         self._prefix = uuid.uuid4().hex
         self._next = 0
-        self.held: set[str] = set()  # lease ids this process holds in Redis
+        self._held: set[str] = set()  # lease ids this process holds in Redis
         self._to_release: list[str] = []
         self._released = trio.Event()  # set when slots were given back; then replaced
         self._release_wanted = trio.Event()
@@ -274,7 +277,7 @@ class RedisInFlight(SharedInFlight):
                     raise
                 continue
             if granted:
-                self.held.add(lease_id)
+                self._held.add(lease_id)
                 return lease_id
             # Full: try again when a slot of ours is given back, the earliest lease expires,
             # or after a short poll for slots given back by other processes.
@@ -286,7 +289,7 @@ class RedisInFlight(SharedInFlight):
             self._local.release_on_behalf_of(token)
             return
         assert isinstance(token, str)
-        self.held.discard(token)
+        self._held.discard(token)
         self._to_release.append(token)
         self._release_wanted.set()
 
@@ -307,18 +310,22 @@ class RedisInFlight(SharedInFlight):
         """Renew held leases three times per lease period, in one round trip."""
         while True:
             await trio.sleep(self.lease / 3)
-            if not self.held:
+            if not self._held:
                 continue
-            lease_ids = sorted(self.held)
+            lease_ids = sorted(self._held)
             args = [round(self.lease * 1e6), *lease_ids]
             try:
-                renewed = int(await self._store.run(self._renew, keys=[self.key], args=args))
+                missing = await self._store.run(self._renew, keys=[self.key], args=args)
             except trio.BrokenResourceError:
                 continue
-            self.lost += len(lease_ids) - renewed
+            for lease_id in missing:  # counted once: no longer ours to renew or give back
+                lease_id = lease_id.decode() if isinstance(lease_id, bytes) else lease_id
+                if lease_id in self._held:
+                    self._held.discard(lease_id)
+                    self.lost += 1
 
     async def _close(self) -> None:
-        lease_ids = sorted(self.held) + self._to_release
+        lease_ids = sorted(self._held) + self._to_release
         if not lease_ids:
             return
         try:

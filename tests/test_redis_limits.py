@@ -60,7 +60,7 @@ def start_worker(url: str, kind: str, duration: float) -> subprocess.Popen[str]:
     return worker
 
 
-def run_workers(url: str, kind: str, count: int, duration: float) -> list[list[list[float]]]:
+def run_workers(url: str, kind: str, count: int, duration: float) -> list[dict[str, Any]]:
     workers = [start_worker(url, kind, duration) for _ in range(count)]
     start_at = time.time() + 0.2
     for worker in workers:
@@ -78,19 +78,21 @@ def run_workers(url: str, kind: str, count: int, duration: float) -> list[list[l
 def test_four_processes_share_one_rate_limit(redis_server: RedisServer) -> None:
     rate = mcs.RateLimit(100, per=1, burst=5)
     duration = 5.0
-    per_worker = run_workers(redis_server.url, "rate", 4, duration)
-    starts = sorted(start for calls in per_worker for start, _ in calls)
+    workers = run_workers(redis_server.url, "rate", 4, duration)
+    starts = sorted(start for worker in workers for start, _ in worker["calls"])
     # Over every window [a, b] of batch_fn starts (wall clock, which Redis's TIME also reads:
-    # one host, no skew allowance), calls <= burst + 100 (b - a + lateness). The limit holds
-    # exactly for the moments Redis lets batches go; a call starts a little after its moment
-    # (the wake-up, a scheduler pass), so a window that opens on a late call and closes on a
-    # punctual one looks that much shorter. The allowance is that lateness, measured below:
-    # about 1-5 ms on a busy 2-core host (trio's timers wake to the millisecond).
+    # one host, no skew allowance), calls <= burst + 100 (b - a + L). The limit holds exactly
+    # for the moments Redis lets batches go; a call starts a little after its moment (a timer
+    # wake-up, a scheduler pass), so a window that opens on a late call and closes on a
+    # punctual one looks that much shorter. L is that lateness: at most the worst timer
+    # lateness the workers measured in themselves during the run (0-5 ms on a quiet 2-core
+    # host, tens of ms when it is overloaded), plus 2 ms for the scheduler passes.
     lateness = needed_lateness(starts, rate)
-    assert lateness <= 0.02, f"calls started up to {lateness * 1e3:.3f} ms late"
+    stall = max(worker["stall"] for worker in workers)
+    assert lateness <= stall + 0.002, (lateness, stall)
     # Together they use the budget: >= 90% of 100 calls a second over the run.
     assert len(starts) >= 0.9 * rate.count * duration
-    assert all(len(calls) > 0 for calls in per_worker)  # nobody starved
+    assert all(worker["calls"] for worker in workers)  # nobody starved
 
 
 def needed_lateness(starts: Sequence[float], rate: mcs.RateLimit) -> float:
@@ -109,7 +111,8 @@ def needed_lateness(starts: Sequence[float], rate: mcs.RateLimit) -> float:
 def test_four_processes_never_exceed_a_shared_in_flight_budget(
     redis_server: RedisServer,
 ) -> None:
-    per_worker = run_workers(redis_server.url, "in_flight", 4, 3.0)
+    workers = run_workers(redis_server.url, "in_flight", 4, 3.0)
+    per_worker = [worker["calls"] for worker in workers]
     events = sorted(
         (moment, change)
         for calls in per_worker
@@ -122,7 +125,11 @@ def test_four_processes_never_exceed_a_shared_in_flight_budget(
         peak = max(peak, running)
     assert peak == 3  # used to the full, never above
     assert running == 0
-    assert sum(len(calls) for calls in per_worker) >= 0.9 * 3 * 3.0 / 0.02 / 2
+    # The budget is used: slot-seconds busy over 3 slots for the run (0.86-0.88 measured).
+    span = events[-1][0] - events[0][0]
+    busy = sum(end - start for calls in per_worker for start, end in calls)
+    assert busy / (3 * span) >= 0.6
+    assert all(per_worker)  # every process got slots
 
 
 async def test_a_killed_process_slots_come_back_within_the_lease(
@@ -154,6 +161,23 @@ async def test_a_killed_process_slots_come_back_within_the_lease(
     # Not before the lease the dead worker last renewed ran out (renewed every 2/3 s), and
     # not much after it.
     assert 2.0 - 2.0 / 3 - 0.1 <= waited <= 2.0 + 0.5
+
+
+async def test_held_leases_are_renewed_and_a_lost_one_is_counted(
+    redis_server: RedisServer,
+) -> None:
+    async with mcs.redis.open_shared_in_flight(redis_server.url, "renew", 2, lease=0.9) as slots:
+        with trio.fail_after(10):
+            token = await slots.acquire()
+            await trio.sleep(1.5)  # past the lease: only renewals (every 0.3 s) keep it
+            assert redis_server.command("ZCARD", "mcs:in_flight:renew") == b":1\r\n"
+            assert slots.lost == 0
+            redis_server.command("FLUSHALL")  # Redis forgets the lease
+            await trio.sleep(0.5)
+            assert slots.lost == 1
+            slots.release(token)
+            await trio.sleep(0.1)
+    assert redis_server.command("EXISTS", "mcs:in_flight:renew") == b":0\r\n"
 
 
 # ---------------------------------------------------------------- the arithmetic

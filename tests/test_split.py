@@ -315,3 +315,41 @@ async def test_parts_waiting_when_the_block_is_aborted_fail_their_callers(
     assert (
         str(outcomes[2]) == f"batcher {batcher.name!r} was shut down while this item was in flight"
     )
+
+
+async def test_cancel_abandoned_cancels_a_running_part_whose_callers_left(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    downstream = Downstream({0})
+    outcomes: dict[int, Any] = {}
+    async with mcs.open_batcher(
+        downstream,
+        max_batch_size=4,
+        max_wait=0.5,  # the four calls leave together, as one full batch
+        max_in_flight=2,
+        cancel_abandoned=True,
+        on_batch_error="split",
+    ) as batcher:
+        async with trio.open_nursery() as nursery:
+            for item in (0, 1):
+                nursery.start_soon(outcome, batcher, item, outcomes)
+                await trio.testing.wait_all_tasks_blocked()
+            async with trio.open_nursery() as leavers:
+                for item in (2, 3):
+                    leavers.start_soon(outcome, batcher, item, outcomes)
+                    await trio.testing.wait_all_tasks_blocked()
+                await trio.sleep_until(1.5)  # [0..3] failed at 1.0; parts 0-1 and 2-3 run
+                leavers.cancel_scope.cancel()
+    assert sorted(downstream.calls) == [
+        (0.0, [0, 1, 2, 3]),
+        (1.0, [0, 1]),
+        (1.0, [2, 3]),
+        (2.0, [0]),
+        (2.0, [1]),
+    ]
+    assert sorted(outcomes) == [0, 1]
+    assert isinstance(outcomes[0], Poison)
+    assert outcomes[1] == 10
+    stats = batcher.statistics()
+    assert stats.cancelled_batches == 1  # the part 2-3, at 1.5, when its callers left
+    assert trio.current_time() == 3.0
