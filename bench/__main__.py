@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from . import w1_batcher, w2_graph3, w3_deps_tree, w4_latency, w5_demo, w8_autoscale
+from . import w1_batcher, w2_graph3, w3_deps_tree, w4_latency, w5_demo, w7_scale, w8_autoscale
 from ._harness import Params, Workload, run_workloads, text_report, write_reports
 
 ALL_WORKLOADS: tuple[Workload, ...] = (
@@ -19,6 +19,7 @@ ALL_WORKLOADS: tuple[Workload, ...] = (
     *w3_deps_tree.WORKLOADS,
     *w4_latency.WORKLOADS,
     *w5_demo.WORKLOADS,
+    *w7_scale.WORKLOADS,
     *w8_autoscale.WORKLOADS,
 )
 

@@ -156,12 +156,13 @@ class Share:
 async def _drive(job: Job, ready: Any) -> Share:
     share = Share()
     statuses: Counter[int] = Counter()
+    # the ids first: drawing many takes a while, and an idle connection may time out
+    ids = request_ids(job.requests, job.users, job.seed)
     with trio.fail_after(TIMEOUT):
         connections = [
             await Connection.open(job.host, job.port)
             for _ in range(min(job.connections, job.requests))
         ]
-    ids = request_ids(job.requests, job.users, job.seed)
     await trio.to_thread.run_sync(partial(ready.wait, TIMEOUT))  # every process is connected
     share.started = time.monotonic()
     deadline = share.started + job.duration

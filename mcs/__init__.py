@@ -14,6 +14,8 @@ from ._exceptions import MCSError as MCSError
 from ._exceptions import Overloaded as Overloaded
 from ._graph import Graph as Graph
 from ._graph import open_graph as open_graph
+from ._histogram import BatcherHistograms as BatcherHistograms
+from ._histogram import Histogram as Histogram
 from ._limits import SharedInFlight as SharedInFlight
 from ._limits import SharedRate as SharedRate
 from ._node import Node as Node
@@ -32,9 +34,11 @@ __all__ = [
     "BatchFn",
     "BatchResultError",
     "Batcher",
+    "BatcherHistograms",
     "BatcherStatistics",
     "Graph",
     "GraphTrace",
+    "Histogram",
     "MCSError",
     "Node",
     "NodeTrace",

@@ -64,6 +64,7 @@ import trio
 
 from ._batcher import Batcher
 from ._counters import _Counters
+from ._log import limit_changed
 from ._util import check_int, check_number, check_seconds
 
 __all__ = ["AutoscaleDecision", "autoscale"]
@@ -369,5 +370,13 @@ async def autoscale(
         decision = controller.decide(now.since(before, interval), at)
         before = now
         batcher.max_in_flight = decision.limit
+        if decision.limit != decision.limit_before:
+            limit_changed(
+                batcher.name,
+                "max_in_flight",
+                decision.limit_before,
+                decision.limit,
+                decision.action,
+            )
         if on_decision is not None:
             on_decision(decision)

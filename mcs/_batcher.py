@@ -57,6 +57,7 @@ from ._counters import _Counters
 from ._dispatch import Step
 from ._dispatcher import _CURRENT_BATCH, _FOR_FILL, _FOR_ITEMS, _Dispatcher, call_from_batch
 from ._exceptions import BatchResultError, Overloaded
+from ._histogram import BatcherHistograms
 from ._intake import _Intake
 from ._limits import SharedInFlight, SharedRate, _CapacitySlots
 from ._many import call_many
@@ -313,6 +314,13 @@ class Batcher(Generic[K, V]):
             max_in_flight=self.max_in_flight,
             now=clock.current_time() if clock is not None else None,
         )
+
+    def histograms(self) -> BatcherHistograms:
+        """Cumulative histograms of queue waits, batch times and batch sizes since the batcher
+        opened, in fixed buckets; see :class:`mcs.BatcherHistograms`. Unlike the percentiles of
+        :meth:`statistics`, they add up across processes (Prometheus's ``histogram_quantile``).
+        Safe to call from any thread."""
+        return self._counts.histograms(self.name)
 
     def __repr__(self) -> str:
         state = "closed" if self._intake.closed else "open"

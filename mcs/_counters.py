@@ -7,6 +7,7 @@ read once, so each is exact, though two of them may be a moment apart.
 
 from __future__ import annotations
 
+from ._histogram import BATCH_SIZE_BOUNDS, SECONDS_BOUNDS, BatcherHistograms, _Buckets
 from ._stats import BatcherStatistics, _Samples, _Saturation
 
 __all__ = ["_Counters"]
@@ -16,6 +17,8 @@ class _Counters:
     """Everything :class:`mcs.BatcherStatistics` reports that is counted rather than looked up."""
 
     __slots__ = (
+        "batch_size_buckets",
+        "batch_time_buckets",
         "batch_times",
         "batches",
         "busy_time",
@@ -28,6 +31,7 @@ class _Counters:
         "items",
         "limit_errors",
         "peak_batch",
+        "queue_wait_buckets",
         "queue_waits",
         "rate_wait_time",
         "rate_waits",
@@ -59,6 +63,18 @@ class _Counters:
         self.queue_waits = _Samples()
         self.batch_times = _Samples()
         self.saturation: _Saturation | None = None
+        # Cumulative and mergeable (Prometheus histograms), fed where the samples above are.
+        self.queue_wait_buckets = _Buckets(SECONDS_BOUNDS)
+        self.batch_time_buckets = _Buckets(SECONDS_BOUNDS)
+        self.batch_size_buckets = _Buckets(BATCH_SIZE_BOUNDS)
+
+    def histograms(self, name: str) -> BatcherHistograms:
+        return BatcherHistograms(
+            name,
+            self.queue_wait_buckets.snapshot(),
+            self.batch_time_buckets.snapshot(),
+            self.batch_size_buckets.snapshot(),
+        )
 
     def snapshot(
         self,

@@ -44,11 +44,13 @@ from ._dispatch import Step, next_step
 from ._gates import _RUNNING, _Gates
 from ._intake import _Intake
 from ._limits import SharedInFlight, SharedRate
+from ._log import batch_failed
 from ._park import park, wake
 from ._rate import _Gcra
 from ._requests import _IN_FLIGHT, _Request
 from ._shared import extra_callers
 from ._split import deliver_error, deliver_results
+from ._tracing import active_tracer, traced
 
 if TYPE_CHECKING:
     from ._batcher import Batcher
@@ -323,7 +325,9 @@ class _Dispatcher(_Gates[K, V]):
         if self.gcra is not None:
             self.gcra.take(len(records) if self.rate_counts_items else 1, now)
         if not part:
-            counts.queue_waits.extend([now - request.t0 for request in records])
+            waits = [now - request.t0 for request in records]
+            counts.queue_waits.extend(waits)
+            counts.queue_wait_buckets.extend(waits)
         batch = _Batch(self, records, part, token)
         if self.batch_timeout is not None or self.cancel_abandoned:
             timeout = self.batch_timeout
@@ -369,16 +373,20 @@ class _Dispatcher(_Gates[K, V]):
         counts.items += size
         if size > counts.peak_batch:
             counts.peak_batch = size
+        counts.batch_size_buckets.add(size)
         _CURRENT_BATCH.set(batch)  # this task's own context: seen by calls from batch_fn
         started = clock.current_time()
+        batch_fn, tracer = self._batch_fn, active_tracer()  # tracer: None unless tracing is on
+        if tracer is not None:
+            batch_fn = traced(tracer, batch_fn, self.name, records, started)
         scope = batch.scope
         results: object = None
         try:
             if scope is None:
-                results = await self._batch_fn(items)
+                results = await batch_fn(items)
             else:
                 with scope:
-                    results = await self._batch_fn(items)
+                    results = await batch_fn(items)
                 if scope.cancelled_caught:
                     self._cut_short(batch, records, started)
                     return
@@ -393,6 +401,7 @@ class _Dispatcher(_Gates[K, V]):
             if self.split:  # (only single items get here)
                 counts.failed_alone += served
             counts.callers_served += served + (extra_callers(records) if self.shares else 0)
+            batch_failed(self.name, exc, size)
         except BaseException as exc:
             # Cancelled (the batcher is shutting down) or KeyboardInterrupt: the callers must
             # not hang, and must not receive a Cancelled that is not theirs.
@@ -439,6 +448,7 @@ class _Dispatcher(_Gates[K, V]):
         )
         served = deliver_error(records, error, None, now)
         self.counts.callers_served += served + (extra_callers(records) if self.shares else 0)
+        batch_failed(self.name, error, len(records))
 
     def _batch_done(self, batch: _Batch, started: float) -> float:
         """Free the batch's slot; returns the time, which is also each result's time."""
@@ -446,6 +456,7 @@ class _Dispatcher(_Gates[K, V]):
         batch.running = False
         now = self._clock.current_time()
         self.counts.batch_times.add(now - started)
+        self.counts.batch_time_buckets.add(now - started)
         self.counts.busy_time += now - started
         self.counts.ended_items += len(batch.records)
         self._release_slot(batch, now)

@@ -19,6 +19,7 @@ import trio
 from ._batcher import Batcher, BatchFn
 from ._limits import SharedInFlight, SharedRate
 from ._rate import RateLimit
+from ._registry import batcher_closed, batcher_opened
 from ._util import require_trio
 
 __all__ = ["open_batcher"]
@@ -116,9 +117,11 @@ async def open_batcher(
         name=name,
     )
     body_error: BaseException | None = None
+    drained = False
     try:
         async with trio.open_nursery() as nursery:
             batcher._start(nursery)
+            batcher_opened(batcher)
             try:
                 yield batcher
             except BaseException as exc:
@@ -127,6 +130,7 @@ async def open_batcher(
                 nursery.cancel_scope.cancel()
             else:
                 batcher._close_intake()
+        drained = body_error is None
     except BaseExceptionGroup as group:
         # Only a KeyboardInterrupt or SystemExit out of batch_fn gets here (the batcher's tasks
         # hand every other error to callers): raise it as it is, as documented.
@@ -139,6 +143,8 @@ async def open_batcher(
             raise leaf from body_error
         finally:
             del leaf, leaves, rest, group, body_error
+    finally:
+        batcher_closed(batcher, drained)
     if body_error is not None:
         try:
             raise body_error

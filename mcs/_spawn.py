@@ -61,6 +61,7 @@ from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, enable_ki_pro
 
 from ._node import _RUNNING, _SpawnNode, _substitute
 from ._park import original_traceback, park, wake
+from ._tracing import active_tracer, traced_spawn
 
 if TYPE_CHECKING:
     from ._graph_core import GraphCore as Graph
@@ -197,6 +198,8 @@ async def _run_spawned(graph: Graph, node: _SpawnNode[Any]) -> None:
     if node._node_state != _RUNNING:  # cancelled before its task got going
         return
     fn: Callable[..., Any] = node._fn
+    if (tracer := active_tracer()) is not None:  # None unless OpenTelemetry tracing is on
+        fn = traced_spawn(tracer, fn, node.name)
     args = [_substitute(arg) for arg in node._args]
     kwargs = {k: _substitute(v) for k, v in node._kwargs.items()} if node._kwargs else {}
     try:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from trio.lowlevel import enable_ki_protection
 
 from ._exceptions import BatchResultError
+from ._log import malformed_result
 from ._park import original_traceback
 from ._requests import _FINISHED, _IN_FLIGHT, _Request
 from ._shared import _Shared
@@ -94,6 +95,7 @@ def deliver_results(
         error.__cause__ = exc
     finally:
         request = value = results = None
+    malformed_result(name, error)
     try:
         return served + deliver_error(batch, error, None, now)
     finally:

@@ -35,6 +35,7 @@ import trio
 
 from . import _redis_scripts as scripts
 from ._limits import SharedInFlight, SharedRate
+from ._log import resource_available, resource_unavailable
 from ._rate import RateLimit, _Gcra
 from ._util import check_int, check_seconds
 
@@ -104,12 +105,16 @@ class _Store:
                 except Exception as exc:  # refused, reset, a protocol error: all "unavailable"
                     cause = exc
                 else:
+                    if not self.available:
+                        resource_available(self.name)  # logged on the transition only
                     self.available = True
                     return result
+        problem = f"{cause!r}" if cause is not None else f"no answer within {self.timeout} s"
+        if self.available:
+            resource_unavailable(self.name, problem, "batches follow on_unavailable meanwhile")
         self.available = False
         self.failures += 1
         self.retry_at = trio.current_time() + _RETRY_AFTER
-        problem = f"{cause!r}" if cause is not None else f"no answer within {self.timeout} s"
         error = trio.BrokenResourceError(f"the {self.name} is unavailable: {problem}")
         raise error from cause
 

@@ -7,6 +7,7 @@ The downstream is the W8 simulator (``mcs._testing_downstream``) at a small size
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -105,6 +106,20 @@ async def test_slow_start_doubles_until_calls_queue(
     assert [d.action for d in decisions[:6]] == actions
     assert limits(decisions)[:6] == [2, 4, 8, 16, 16, 10]
     assert [d.at for d in decisions[:6]] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+
+
+async def test_each_limit_change_is_logged_once(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mcs")
+    downstream = SimulatedDownstream(10, BASE, PER_ITEM)
+    decisions, _, _ = await run_load(downstream, [(1.0, 2.5)], max_in_flight=64)
+    changes = [d for d in decisions if d.limit != d.limit_before]
+    assert len(changes) >= 5  # slow start, then a shrink
+    lines = [r.getMessage() for r in caplog.records if r.name == "mcs" and "->" in r.getMessage()]
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        f"max_in_flight {d.limit_before} -> {d.limit} ({d.action})" for d in changes
+    ]
 
 
 async def test_grows_to_the_maximum_while_calls_do_not_queue(
