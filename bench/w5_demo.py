@@ -30,22 +30,19 @@ from __future__ import annotations
 
 import atexit
 import math
-import multiprocessing
 import os
-import queue
 import tempfile
 import threading
 import time
-import traceback
 from dataclasses import dataclass
-from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from typing import Final, Literal, cast
+from typing import Literal, cast
 
 from mcs._util import nearest_rank
 
 from ._harness import Metric, Params, Results, Variant, Workload
+from ._workers import START_METHOD, run_workers
 
 __all__ = ["WORKLOADS"]
 
@@ -57,7 +54,6 @@ SEED = 0
 PROCESSES = max(2, os.cpu_count() or 1)
 """N for W5-scale: one process per CPU (at least two, or there is nothing to compare)."""
 
-_START_METHOD: Final = "spawn"
 _WORKER_TIMEOUT = 300.0  # seconds a worker may take to start, warm up and serve its slice
 _COUNT_UNIT = cast(Literal["req/s", "ms", "B"], "queries")
 """The harness formats units it does not know as a rounded number followed by the unit."""
@@ -182,7 +178,7 @@ class _Served:
 
 
 def _serve(
-    database: Path, requests: int, concurrency: int, seed: int, warmup: int, barrier: Barrier
+    barrier: Barrier, database: Path, requests: int, concurrency: int, seed: int, warmup: int
 ) -> _Served:
     from mcs._demo import run_demo
 
@@ -215,81 +211,22 @@ def _serve(
     )
 
 
-def _worker(
-    database: Path,
-    requests: int,
-    concurrency: int,
-    seed: int,
-    warmup: int,
-    barrier: Barrier,
-    results: Queue[_Served | str],
-) -> None:
-    """A worker process's entry point: serve a slice, put what was measured (or an error)."""
-    try:
-        results.put(_serve(database, requests, concurrency, seed, warmup, barrier))
-    except BaseException:
-        barrier.abort()  # do not keep the other workers waiting for this one
-        results.put(traceback.format_exc())
-
-
 def measure_processes(params: Params, processes: int) -> Results:
     """Serve the requests batched from ``processes`` worker processes started together."""
     size = sizes(params)
     database = dataset()
-    ctx = multiprocessing.get_context(_START_METHOD)
-    barrier = ctx.Barrier(processes)
-    results: Queue[_Served | str] = ctx.Queue()
     shares = [
         size.scale_requests // processes + (i < size.scale_requests % processes)
         for i in range(processes)
     ]
-    workers = [
-        ctx.Process(
-            target=_worker,
-            args=(
-                database,
-                share,
-                size.concurrency,
-                SEED + i,
-                size.worker_warmup,
-                barrier,
-                results,
-            ),
-            name=f"bench-w5-scale-{i}",
+    jobs = [
+        (
+            f"bench-w5-scale-{i}",
+            (database, share, size.concurrency, SEED + i, size.worker_warmup),
         )
         for i, share in enumerate(shares)
     ]
-    try:
-        for worker in workers:
-            worker.start()
-        served: list[_Served] = []
-        errors: list[str] = []
-        deadline = time.monotonic() + _WORKER_TIMEOUT
-        while len(served) + len(errors) < processes:
-            try:
-                outcome = results.get(timeout=0.2)
-            except queue.Empty:
-                lost = [w for w in workers if w.exitcode not in (None, 0)]
-                if not lost and time.monotonic() < deadline:
-                    continue
-                barrier.abort()
-                errors += [f"{w.name} exited with code {w.exitcode}" for w in lost]
-                if not lost:
-                    errors.append(f"no result within {_WORKER_TIMEOUT:g} s")
-                break
-            if isinstance(outcome, str):
-                errors.append(outcome)
-            else:
-                served.append(outcome)
-        for worker in workers:
-            worker.join(timeout=_WORKER_TIMEOUT)
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-                worker.join()
-    if errors:
-        raise RuntimeError("worker process failed:\n" + "\n".join(errors))
+    served = run_workers(_serve, jobs, _WORKER_TIMEOUT)
     total = sum(s.requests for s in served)
     if total != size.scale_requests:
         raise RuntimeError(f"{total} of {size.scale_requests} requests served")
@@ -312,7 +249,7 @@ W5_SCALE = Workload(
     key="W5-scale",
     title="scale-out",
     description=(
-        f"the W5 demo, batched, in N worker processes (multiprocessing {_START_METHOD!r}, one "
+        f"the W5 demo, batched, in N worker processes (multiprocessing {START_METHOD!r}, one "
         "trio.run each) over the same read-only data set: 8,000 requests in all (4,000 with "
         "--quick) split evenly, each process with its own seed and 500 clients; the workers "
         "warm up, wait on a barrier, then serve; throughput = all requests / (last finish - "

@@ -26,20 +26,16 @@ from __future__ import annotations
 
 import importlib
 import math
-import multiprocessing
 import os
-import queue
 import random
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Final, Literal, cast
@@ -49,6 +45,7 @@ import trio
 from mcs._util import nearest_rank
 
 from ._harness import Metric, Params, Results, Variant, Workload
+from ._workers import START_METHOD, run_workers
 
 __all__ = ["WORKLOADS"]
 
@@ -62,7 +59,6 @@ process already used most of it, and the budget rather than the cores set the pa
 IN_FLIGHT = 4
 """The budget: queries in flight per table, all processes together."""
 
-_START_METHOD: Final = "spawn"
 _WORKER_TIMEOUT = 120.0
 _QUERIES: Final = cast(Literal["req/s", "ms", "B"], "queries/s")
 """The harness formats units it does not know as a rounded number followed by the unit."""
@@ -148,20 +144,14 @@ async def _serve(
 
 def _worker(
     barrier: Barrier,
-    results: Queue[_Served | str],
     redis_url: str | None,
     processes: int,
     clients: int,
     size: Sizes,
     log: Path,
     seed: int,
-) -> None:
-    try:
-        served = trio.run(_serve, barrier, redis_url, processes, clients, size, log, seed)
-        results.put(served)
-    except BaseException:
-        barrier.abort()
-        results.put(traceback.format_exc())
+) -> _Served:
+    return trio.run(_serve, barrier, redis_url, processes, clients, size, log, seed)
 
 
 # ---------------------------------------------------------------------------------- a run
@@ -192,49 +182,11 @@ def measure(params: Params, processes: int, *, shared: bool) -> Results:
 
 
 def _run_workers(processes: int, size: Sizes, url: str | None, log: Path) -> list[_Served]:
-    ctx = multiprocessing.get_context(_START_METHOD)
-    barrier = ctx.Barrier(processes)
-    results: Queue[_Served | str] = ctx.Queue()
     shares = [size.clients // processes + (i < size.clients % processes) for i in range(processes)]
-    workers = [
-        ctx.Process(
-            target=_worker,
-            args=(barrier, results, url, processes, share, size, log, i),
-            name=f"bench-w7-{i}",
-        )
-        for i, share in enumerate(shares)
+    jobs = [
+        (f"bench-w7-{i}", (url, processes, share, size, log, i)) for i, share in enumerate(shares)
     ]
-    served: list[_Served] = []
-    errors: list[str] = []
-    try:
-        for worker in workers:
-            worker.start()
-        deadline = time.monotonic() + _WORKER_TIMEOUT
-        while len(served) + len(errors) < processes:
-            try:
-                outcome = results.get(timeout=0.2)
-            except queue.Empty:
-                lost = [w for w in workers if w.exitcode not in (None, 0)]
-                if lost or time.monotonic() > deadline:
-                    barrier.abort()
-                    errors += [f"{w.name} exited with code {w.exitcode}" for w in lost]
-                    errors += [] if lost else [f"no result within {_WORKER_TIMEOUT:g} s"]
-                    break
-                continue
-            if isinstance(outcome, str):
-                errors.append(outcome)
-            else:
-                served.append(outcome)
-        for worker in workers:
-            worker.join(timeout=_WORKER_TIMEOUT)
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-                worker.join()
-    if errors:
-        raise RuntimeError("worker process failed:\n" + "\n".join(errors))
-    return served
+    return run_workers(_worker, jobs, _WORKER_TIMEOUT)
 
 
 def _read_log(log: Path) -> dict[str, list[float]]:
@@ -310,7 +262,7 @@ W7 = Workload(
     description=(
         "the HTTP example's service (examples/http_service.py: a graph per request over two "
         f"SQLite batchers, {USERS:,} users) in N worker processes (multiprocessing "
-        f"{_START_METHOD!r}, one trio.run each), 400 closed-loop clients in all, split between "
+        f"{START_METHOD!r}, one trio.run each), 400 closed-loop clients in all, split between "
         f"the processes, calling the request graph for 5 s (3 s with --quick) after a barrier; "
         f"the downstream budget is {RATE:g} queries/s and {IN_FLIGHT} in flight per table. "
         "Queries are counted at the downstream (a log every query appends to): the mean per "

@@ -123,7 +123,23 @@ class _Store:
         return self.available or trio.current_time() >= self.retry_at
 
 
-class RedisRate(SharedRate):
+class _OnRedis:
+    """What a shared limit on Redis tells of its server's health."""
+
+    _store: _Store
+
+    @property
+    def available(self) -> bool:
+        """False after a Redis operation failed, until one succeeds again."""
+        return self._store.available
+
+    @property
+    def failures(self) -> int:
+        """How many Redis operations failed or timed out so far."""
+        return self._store.failures
+
+
+class RedisRate(_OnRedis, SharedRate):
     """A :class:`mcs.RateLimit` shared through Redis; made by :func:`open_shared_rate`.
 
     Attributes:
@@ -165,16 +181,6 @@ class RedisRate(SharedRate):
         """The shared budget, summed over every process."""
         return self._limit
 
-    @property
-    def available(self) -> bool:
-        """False after a Redis operation failed, until one succeeds again."""
-        return self._store.available
-
-    @property
-    def failures(self) -> int:
-        """How many Redis operations failed or timed out so far."""
-        return self._store.failures
-
     async def reserve(self, units: int) -> float:
         store = self._store
         if not self._fallback or store.use_redis():
@@ -205,7 +211,7 @@ class _LocalSlot:
     __slots__ = ()
 
 
-class RedisInFlight(SharedInFlight):
+class RedisInFlight(_OnRedis, SharedInFlight):
     """A budget of concurrent batch_fn calls shared through Redis leases; made by
     :func:`open_shared_in_flight`.
 
@@ -247,16 +253,6 @@ class RedisInFlight(SharedInFlight):
     def total(self) -> int:
         """The shared budget, summed over every process."""
         return self._total
-
-    @property
-    def available(self) -> bool:
-        """False after a Redis operation failed, until one succeeds again."""
-        return self._store.available
-
-    @property
-    def failures(self) -> int:
-        """How many Redis operations failed or timed out so far."""
-        return self._store.failures
 
     async def acquire(self) -> object:
         store = self._store

@@ -9,7 +9,6 @@ import os
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from processes import wait_until_accepting
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -198,18 +198,6 @@ def read_port(stream: IO[str] | None, pattern: str) -> int:
         if not line:
             break
     raise AssertionError("the server did not say where it listens")
-
-
-def wait_until_accepting(port: int) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def stop(process: subprocess.Popen[str]) -> int:
