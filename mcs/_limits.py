@@ -43,6 +43,12 @@ class SharedRate(abc.ABC):
     def limit(self) -> RateLimit:
         """The shared budget."""
 
+    @property
+    def available(self) -> bool:
+        """False while the store behind the budget does not answer (metrics show it). The
+        default, for a budget with no store to lose, is True."""
+        return True
+
     @abc.abstractmethod
     async def reserve(self, units: int) -> float:
         """Book ``units`` of the budget; return how many seconds to wait before using them.
@@ -66,6 +72,12 @@ class SharedInFlight(abc.ABC):
     @abc.abstractmethod
     def total(self) -> int:
         """How many slots the budget has, summed over everyone who shares it."""
+
+    @property
+    def available(self) -> bool:
+        """False while the store behind the budget does not answer (metrics show it). The
+        default, for a budget with no store to lose, is True."""
+        return True
 
     def acquire_nowait(self) -> object:
         """A slot at once if one is free and that can be known without waiting, else None

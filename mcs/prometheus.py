@@ -30,8 +30,12 @@ restart.
 
 Shared limits (``on_batch_error="split"``, limits shared through Redis): their counters
 (``mcs_batcher_split_batches_total``, ``…_failed_alone_total``, ``…_limit_errors_total``) are
-exported with the others. With a shared in-flight limit, ``mcs_batcher_max_in_flight`` is the
-shared total, the same in every worker: take ``max``, not ``sum``, over workers.
+exported with the others, and a batcher with a shared rate or in-flight limit has the gauge
+``mcs_batcher_shared_limit_available{batcher, limit="rate"|"in_flight"}``: 1 while the store
+behind it (Redis) answers, 0 while the batcher runs on its fallback or fails its callers (the
+lowest live worker in multiprocess mode). With a shared in-flight limit,
+``mcs_batcher_max_in_flight`` is the shared total, the same in every worker: take ``max``, not
+``sum``, over workers.
 """
 
 from __future__ import annotations
@@ -101,9 +105,14 @@ _HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
     ("batch_size", "items in each batch_fn call", "batch_size"),
 )
 
+_SHARED = _PREFIX + "shared_limit_available"
+_SHARED_HELP = "1 while the store behind a shared limit answers, else 0"
+_SHARED_LABELS = ("batcher", "limit")
+
 METRIC_NAMES: tuple[str, ...] = (
     *(_PREFIX + name + "_total" for name, _, _ in _COUNTERS),
     *(_PREFIX + name for name, _, _, _ in _GAUGES),
+    _SHARED,
     *(_PREFIX + name + end for name, _, _ in _HISTOGRAMS for end in ("_bucket", "_count", "_sum")),
 )
 """Every sample name this module exports."""
@@ -119,6 +128,19 @@ def _snapshots(
         seen = merged.get(stats.name)
         merged[stats.name] = (stats, hists) if seen is None else _add(seen, (stats, hists))
     return merged
+
+
+def _shared_limits(batchers: Iterable[Batcher[Any, Any]]) -> dict[tuple[str, str], float]:
+    """Per (batcher name, ``"rate"`` or ``"in_flight"``): 1.0 if every such shared limit's
+    store answers, else 0.0."""
+    available: dict[tuple[str, str], float] = {}
+    for batcher in batchers:
+        dispatcher = batcher._dispatcher
+        for kind, limit in (("rate", dispatcher.shared_rate), ("in_flight", dispatcher.slots)):
+            if limit is not None:
+                key = (batcher.name, kind)
+                available[key] = min(available.get(key, 1.0), 1.0 if limit.available else 0.0)
+    return available
 
 
 def _add(
@@ -171,7 +193,8 @@ class BatcherCollector(Collector):
         return []  # the batchers come and go: describe nothing, so registering never collects
 
     def collect(self) -> Iterator[Metric]:
-        snapshots = _snapshots(self._current())
+        batchers = self._current()
+        snapshots = _snapshots(batchers)
         counters = {
             name: CounterMetricFamily(_PREFIX + name, doc, labels=_LABELS)
             for name, doc, _ in _COUNTERS
@@ -192,8 +215,12 @@ class BatcherCollector(Collector):
             for name, _, field in _HISTOGRAMS:
                 h: Histogram = getattr(hists, field)
                 histograms[name].add_metric([label], _buckets(h), sum_value=h.sum)
+        shared = GaugeMetricFamily(_SHARED, _SHARED_HELP, labels=_SHARED_LABELS)
+        for (label, kind), value in sorted(_shared_limits(batchers).items()):
+            shared.add_metric([label, kind], value)
         yield from counters.values()
         yield from gauges.values()
+        yield shared
         yield from histograms.values()
 
 
@@ -272,6 +299,9 @@ def mirror() -> None:
                 _value("histogram", metric, metric + "_bucket", bucket, doc, "").set(n - below)
                 below = n
             _value("histogram", metric, metric + "_sum", labels, doc, "").set(h.sum)
+    for (label, kind), value in _shared_limits(current).items():
+        labels = {"batcher": label, "limit": kind}
+        _value("gauge", _SHARED, _SHARED, labels, _SHARED_HELP, "livemin").set(value)
     for batcher in closed:
         _mirrored.pop(id(batcher), None)
 

@@ -121,6 +121,47 @@ async def test_batchers_of_the_same_name_are_added_up() -> None:
     assert value(got, "mcs_batcher_batch_size_bucket", "db", le="1.0") == 3
 
 
+async def test_shared_limits_show_whether_their_store_answers() -> None:
+    async def echo(items: list[int]) -> list[int]:
+        return items
+
+    class Flaky(mcs.SharedRate):
+        """A shared rate whose store answers only while ``up``."""
+
+        up = True
+
+        @property
+        def limit(self) -> mcs.RateLimit:
+            return mcs.RateLimit(1000)
+
+        @property
+        def available(self) -> bool:
+            return self.up
+
+        async def reserve(self, units: int) -> float:
+            return 0.0
+
+    registry = CollectorRegistry()
+    rate = Flaky()
+    async with (
+        mcs.open_batcher(echo, name="pooled", max_in_flight=trio.CapacityLimiter(2)) as pooled,
+        mcs.open_batcher(echo, name="rated", rate=rate) as rated,
+        mcs.open_batcher(echo, name="own") as own,
+    ):
+        registry.register(mcs.prometheus.BatcherCollector([pooled, rated, own]))
+        shared = "mcs_batcher_shared_limit_available"
+        got = scrape(registry)
+        assert value(got, shared, "pooled", limit="in_flight") == 1
+        assert value(got, shared, "rated", limit="rate") == 1
+        assert [key for key in got if key[0] == shared] == [
+            (shared, (("batcher", "pooled"), ("limit", "in_flight"))),
+            (shared, (("batcher", "rated"), ("limit", "rate"))),
+        ]  # none for a batcher whose limits are its own
+        rate.up = False
+        assert value(scrape(registry), shared, "rated", limit="rate") == 0
+        assert await rated(5) == 5
+
+
 async def test_a_collector_over_given_batchers_only() -> None:
     async def echo(items: list[int]) -> list[int]:
         return items
@@ -348,6 +389,41 @@ def test_hypercorn_workers_share_their_metrics(tmp_path: Path) -> None:
     assert len({p.name.rsplit("_", 1)[1] for p in tmp_path.glob("counter_*.db")}) == 2
     # the live gauges of stopped workers were removed at their shutdown
     assert not list(tmp_path.glob("gauge_live*.db"))
+
+
+MIRROR_SHARED_LIMITS = """
+import trio, mcs, mcs.prometheus
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+async def echo(items):
+    return items
+
+async def main():
+    async with mcs.open_batcher(echo, name="pooled", max_in_flight=trio.CapacityLimiter(2)) as b:
+        await b(1)
+        mcs.prometheus.mirror()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    print(generate_latest(registry).decode())
+
+trio.run(main)
+"""
+
+
+def test_mirror_writes_the_shared_limit_gauge(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", MIRROR_SHARED_LIMITS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    got = parse(done.stdout)
+    assert value(got, "mcs_batcher_shared_limit_available", "pooled", limit="in_flight") == 1
+    assert value(got, "mcs_batcher_items_total", "pooled") == 1
 
 
 def test_mirror_outside_multiprocess_mode_is_a_clear_error() -> None:

@@ -24,9 +24,12 @@ from typing import Any
 import pytest
 import trio
 import trio.lowlevel
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from redis_server import RedisServer, redis_server
 
 import mcs
+import mcs.prometheus
 import mcs.redis
 
 __all__ = ["redis_server"]  # the fixture, imported for the tests below
@@ -320,6 +323,36 @@ async def test_redis_stopped_mid_run_loses_nothing_and_comes_back(
     else:
         assert all(isinstance(o, trio.BrokenResourceError) for o in during.values())
     assert after == {i: i for i in range(20, 30)}
+
+
+@pytest.mark.parametrize("kind", ["rate", "in_flight"])
+async def test_prometheus_shows_redis_going_away_and_coming_back(
+    redis_server: RedisServer, kind: str
+) -> None:
+    registry = CollectorRegistry()
+    gauge = ("mcs_batcher_shared_limit_available", (("batcher", "users"), ("limit", kind)))
+
+    def available() -> float:
+        families = text_string_to_metric_families(generate_latest(registry).decode())
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples
+        }[gauge]
+
+    with trio.fail_after(20):
+        async with (
+            open_limit(redis_server.url, kind, "local") as limit,
+            mcs.open_batcher(echo, name="users", max_batch_size=5, **limit) as batcher,
+        ):
+            registry.register(mcs.prometheus.BatcherCollector([batcher]))
+            await call_all(batcher, range(5))
+            assert available() == 1
+            redis_server.stop()
+            await call_all(batcher, range(5, 10))
+            assert available() == 0
+            redis_server.start()
+            await trio.sleep(1.1)  # the local fallback tries Redis again after a second
+            await call_all(batcher, range(10, 15))
+            assert available() == 1
 
 
 @pytest.mark.parametrize("kind", ["rate", "in_flight"])
