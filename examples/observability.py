@@ -90,18 +90,27 @@ class Observed:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         """The app's lifespan, with this worker mirroring its batchers meanwhile."""
+        mirroring = trio.CancelScope()
+        mirrored = trio.Event()
+
+        async def mirror_until_shutdown() -> None:
+            with mirroring:
+                await mcs.prometheus.run_mirror(self.interval)  # mirrors once more when cancelled
+            mirrored.set()
 
         async def send_then_mirror(message: Any) -> None:
             if message["type"] == "lifespan.shutdown.complete":
-                mcs.prometheus.mirror()  # the drained batchers' final counts
-                # its live gauges
+                # The drained batchers' final counts are mirrored first, then this worker's live
+                # gauges removed: in that order, or a last periodic mirror would write them again.
+                mirroring.cancel()
+                await mirrored.wait()
                 prometheus_multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
             await send(message)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(mcs.prometheus.run_mirror, self.interval)
+            nursery.start_soon(mirror_until_shutdown)
             await self.app(scope, receive, send_then_mirror)
-            nursery.cancel_scope.cancel()
+            mirroring.cancel()
 
 
 def observe(app: ASGIFramework) -> Observed:
