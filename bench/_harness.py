@@ -66,6 +66,17 @@ class Params:
             sweep_seconds=0.05,
         )
 
+    @property
+    def size(self) -> Literal["warmup", "quick", "full"]:
+        """Which sizes these are, for workloads with sizes of their own: the warm-up's
+        (:meth:`for_warmup`), ``--quick``'s or the full ones."""
+        default = Params()
+        if self.requests < default.requests:
+            return "warmup"
+        if self.latency_seconds < default.latency_seconds:
+            return "quick"
+        return "full"
+
 
 @dataclass(frozen=True)
 class Metric:

@@ -75,13 +75,8 @@ WARMUP = Sizes(requests=300, concurrency=100, scale_requests=600, worker_warmup=
 
 
 def sizes(params: Params) -> Sizes:
-    """The sizes for ``params``: warm-up (``Params.for_warmup``), ``--quick`` or full."""
-    default = Params()
-    if params.requests < default.requests:
-        return WARMUP
-    if params.latency_seconds < default.latency_seconds:
-        return QUICK
-    return FULL
+    """The sizes for ``params``: warm-up, ``--quick`` or full."""
+    return {"warmup": WARMUP, "quick": QUICK, "full": FULL}[params.size]
 
 
 def demo_missing() -> str | None:
