@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import select
 import signal
 import socket
 import subprocess
@@ -26,6 +24,7 @@ from typing import Any
 
 import pytest
 import trio
+from processes import ports_announced
 from redis_server import RedisServer, redis_server
 
 import mcs
@@ -41,6 +40,7 @@ class Server:
     process: subprocess.Popen[str]
     port: int
     tmp: Path
+    early: str = ""  # stderr read while waiting for the workers, after their "Running on" lines
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> tuple[int, str]:
         """Signal the parent; its exit status and stderr."""
@@ -50,7 +50,7 @@ class Server:
     def wait(self) -> tuple[int, str]:
         """Wait for the parent to exit: its exit status and stderr."""
         _, stderr = self.process.communicate(timeout=TIMEOUT)
-        return self.process.returncode, stderr
+        return self.process.returncode, self.early + stderr
 
 
 @contextmanager
@@ -72,9 +72,14 @@ def hypercorn(tmp_path: Path, workers: int, *args: str, **environ: str) -> Itera
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        ports = [_running_on(process) for _ in range(workers)]  # each worker says so when ready
+        # each worker says so when ready
+        pattern = r"Running on http://127\.0\.0\.1:(\d+) "
+        try:
+            ports, early = ports_announced(process.stderr, pattern, workers, TIMEOUT)
+        except AssertionError as exc:
+            raise AssertionError(f"hypercorn did not start (exit status {process.poll()})") from exc
         assert len(set(ports)) == 1, ports
-        yield Server(process, ports[0], tmp)
+        yield Server(process, ports[0], tmp, early)
     finally:
         if process.poll() is None:
             process.kill()
@@ -82,19 +87,6 @@ def hypercorn(tmp_path: Path, workers: int, *args: str, **environ: str) -> Itera
         for stream in (process.stdout, process.stderr):
             assert stream is not None
             stream.close()
-
-
-def _running_on(process: subprocess.Popen[str]) -> int:
-    assert process.stderr is not None
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stderr], [], [], deadline - time.monotonic())
-        line = process.stderr.readline() if ready else ""
-        if not line and process.poll() is not None:
-            break
-        if match := re.search(r"Running on http://127\.0\.0\.1:(\d+) ", line):
-            return int(match[1])
-    raise AssertionError(f"hypercorn did not start (exit status {process.poll()})")
 
 
 async def get(port: int, path: str) -> tuple[int, Any]:

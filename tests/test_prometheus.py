@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-from processes import wait_until_accepting
+from processes import ports_announced, wait_until_accepting
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -227,19 +226,7 @@ async def test_scrapes_from_the_exporters_own_thread_while_loaded() -> None:
 
 
 def read_port(stream: IO[str] | None, pattern: str) -> int:
-    assert stream is not None
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([stream], [], [], deadline - time.monotonic())
-        if not ready:
-            break
-        line = stream.readline()
-        match = re.search(pattern, line)
-        if match:
-            return int(match[1])
-        if not line:
-            break
-    raise AssertionError("the server did not say where it listens")
+    return ports_announced(stream, pattern, 1, TIMEOUT)[0][0]
 
 
 def stop(process: subprocess.Popen[str]) -> int:
