@@ -379,8 +379,10 @@ class App:
                     assert message["type"] == "lifespan.shutdown"
                     self.service = None
                     closing.deadline = trio.current_time() + settings.close_seconds
+            # Still holding SIGTERM: what the server does as the lifespan completes (a last
+            # metrics write, say) must not be cut short by the parent's SIGTERM either.
+            await send({"type": "lifespan.shutdown.complete"})
             nursery.cancel_scope.cancel()
-        await send({"type": "lifespan.shutdown.complete"})
 
     async def route(self, method: str, path: str) -> tuple[int, bytes]:
         service = self.service

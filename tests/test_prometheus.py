@@ -333,20 +333,26 @@ def test_the_http_example_serves_exact_metrics_under_load(http_service: int) -> 
     assert served[-1] <= expected["users"]
 
 
-def test_hypercorn_workers_share_their_metrics(tmp_path: Path) -> None:
+@pytest.mark.parametrize("application", ["examples.http_service:app", "uneven_shutdown:app"])
+def test_hypercorn_workers_share_their_metrics(tmp_path: Path, application: str) -> None:
     """Two workers, PROMETHEUS_MULTIPROC_DIR: whichever answers, the counters add up to exactly
-    what the driver sent, once every worker has mirrored its batchers."""
+    what the driver sent, once every worker has mirrored its batchers. With ``uneven_shutdown``
+    the second worker is still ending when hypercorn's parent sends it SIGTERM."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
     process = subprocess.Popen(
         [
             *(sys.executable, "-m", "hypercorn", "-k", "trio", "--workers", "2"),
-            *("--bind", "127.0.0.1:0", "examples.http_service:app"),
+            *("--bind", "127.0.0.1:0", application),
         ],
         cwd=ROOT,
         env={
             **ENV,
+            "PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("", "examples", "tests")),
             "MCS_EXAMPLE_USERS": str(USERS),
-            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics),
             "MCS_METRICS_INTERVAL": "0.1",
+            "UNEVEN_SHUTDOWN_DIR": str(tmp_path),
         },
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -368,15 +374,17 @@ def test_hypercorn_workers_share_their_metrics(tmp_path: Path) -> None:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        files = {path.name.split("_")[0] for path in tmp_path.glob("*.db")}
+        files = {path.name.split("_")[0] for path in metrics.glob("*.db")}
     finally:
         returncode = stop(process)
     assert returncode == 0
     assert files >= {"counter", "histogram", "gauge"}
     # one worker per process file: both workers wrote
-    assert len({p.name.rsplit("_", 1)[1] for p in tmp_path.glob("counter_*.db")}) == 2
+    assert len({p.name.rsplit("_", 1)[1] for p in metrics.glob("counter_*.db")}) == 2
     # the live gauges of stopped workers were removed at their shutdown
-    assert not list(tmp_path.glob("gauge_live*.db"))
+    assert not list(metrics.glob("gauge_live*.db"))
+    # and the uneven ending did happen
+    assert (tmp_path / "first").exists() == application.startswith("uneven")
 
 
 MIRROR_SHARED_LIMITS = """
