@@ -45,7 +45,7 @@ from ._gates import _RUNNING, _Gates
 from ._intake import _Intake
 from ._limits import SharedInFlight, SharedRate
 from ._log import batch_failed
-from ._park import park, wake
+from ._park import park, raised_traceback, wake
 from ._rate import _Gcra
 from ._requests import _IN_FLIGHT, _Request
 from ._shared import extra_callers
@@ -397,11 +397,13 @@ class _Dispatcher(_Gates[K, V]):
                 self._batch_done(batch, started)
                 return
             now = self._batch_done(batch, started)
-            served = deliver_error(records, exc, exc.__traceback__, now)
+            tb = raised_traceback(exc)
+            served = deliver_error(records, exc, tb, now)
             if self.split:  # (only single items get here)
                 counts.failed_alone += served
             counts.callers_served += served + (extra_callers(records) if self.shares else 0)
-            batch_failed(self.name, exc, size)
+            batch_failed(self.name, exc, size, tb)
+            del tb
         except BaseException as exc:
             # Cancelled (the batcher is shutting down) or KeyboardInterrupt: the callers must
             # not hang, and must not receive a Cancelled that is not theirs.

@@ -15,6 +15,7 @@ reads context variables) sees the request's bound values there.
 from __future__ import annotations
 
 import logging
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -36,14 +37,17 @@ logger = logging.getLogger("mcs")
 logger.addHandler(logging.NullHandler())
 
 
-def batch_failed(name: str, error: BaseException, size: int) -> None:
+def batch_failed(
+    name: str, error: BaseException, size: int, tb: TracebackType | None = None
+) -> None:
+    """``tb``: the traceback the callers get (see ``raised_traceback``), if not the error's."""
     if logger.isEnabledFor(logging.WARNING):
         logger.warning(
             "batcher %r: batch_fn failed for a batch of %d items: %r",
             name,
             size,
             error,
-            exc_info=(type(error), error, error.__traceback__),
+            exc_info=(type(error), error, error.__traceback__ if tb is None else tb),
             extra={"mcs_batcher": name},
         )
 

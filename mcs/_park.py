@@ -28,6 +28,7 @@ The guard rails this module keeps, so that the rest of the code cannot forget th
 
 from __future__ import annotations
 
+import dis
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any, NoReturn
@@ -45,6 +46,7 @@ __all__ = [
     "Reraise",
     "original_traceback",
     "park",
+    "raised_traceback",
     "reraise",
     "wake",
     "wake_with",
@@ -105,6 +107,46 @@ def original_traceback(error: BaseException) -> TracebackType | None:
             return entry.tb_next
         entry = entry.tb_next
     return tb
+
+
+_RAISE_OPCODES = frozenset(dis.opmap[name] for name in ("RAISE_VARARGS", "RERAISE"))
+
+
+def raised_traceback(error: BaseException) -> TracebackType | None:
+    """``error``'s traceback as batch_fn just raised it, without what mcs's earlier raises of
+    the same object left under it.
+
+    Python puts a raise's frames on top of the traceback the object already has. A batch_fn
+    that raises one exception object every time (a cached "circuit open") would hand each batch
+    the frames of every caller before it, growing without end. So when the traceback holds a
+    raise of mcs's, keep it down to the last raise point above that (an entry whose
+    instruction is a raise, other than a re-raise in the frame that caught it), or, if there is
+    none, down to just above mcs's raise. The kept entries are copied: the old ones are shared
+    with earlier tracebacks. A traceback without a raise of mcs's is returned as it is.
+    """
+    tb = error.__traceback__
+    entries: list[TracebackType] = []
+    entry = tb
+    while entry is not None:
+        if entry.tb_frame.f_code is _RERAISE_CODE:
+            break
+        entries.append(entry)
+        entry = entry.tb_next
+    else:
+        return tb
+    keep = len(entries)
+    below: TracebackType | None = entry
+    for index in range(len(entries) - 1, -1, -1):
+        entry = entries[index]
+        caught_here = below is not None and below.tb_frame is entry.tb_frame
+        if not caught_here and entry.tb_frame.f_code.co_code[entry.tb_lasti] in _RAISE_OPCODES:
+            keep = index + 1
+            break
+        below = entry
+    copied = None
+    for entry in reversed(entries[:keep]):
+        copied = TracebackType(copied, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return copied
 
 
 class Reraise(outcome.Outcome[NoReturn]):

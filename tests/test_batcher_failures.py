@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -129,6 +130,143 @@ async def test_a_batch_error_gives_each_caller_only_its_own_frames() -> None:
         assert frame_locals(tb, "request_id") == [me]
         assert "broken" in frame_names(tb)  # the original traceback is kept
     assert len({len(frame_names(tb)) for tb in traces.values()}) == 1
+
+
+async def test_a_batch_fn_raising_one_error_object_gives_each_caller_only_its_own_frames(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batch_fn that raises the same exception object every time (a cached "circuit open",
+    say). Python adds each raise's frames on top of the traceback the object already has, so
+    without care every caller would carry the frames of every caller before it, and each
+    failed batch would log a longer traceback than the last."""
+    down = OSError("downstream is down")
+
+    async def broken(items: list[int]) -> list[int]:
+        await trio.lowlevel.checkpoint()
+        raise down
+
+    seen: dict[int, tuple[list[object], list[str]]] = {}
+    same: list[bool] = []
+
+    async def caller(batcher: mcs.Batcher[int, int], me: int) -> None:
+        request_id = me
+        try:
+            await batcher(request_id)
+        except OSError as error:
+            same.append(error is down)
+            tb = error.__traceback__
+            seen[request_id] = (frame_locals(tb, "request_id"), frame_names(tb))
+
+    caplog.set_level(logging.WARNING, logger="mcs")
+    with trio.fail_after(5):
+        async with mcs.open_batcher(broken, max_batch_size=7) as batcher:
+            for round_ in range(3):  # several batches, and several rounds of the same object
+                async with trio.open_nursery() as nursery:
+                    for me in range(round_ * 30, round_ * 30 + 30):
+                        nursery.start_soon(caller, batcher, me)
+    assert len(seen) == 90
+    assert all(same)  # the very object batch_fn raised
+    assert all(ids == [me] for me, (ids, _) in seen.items())
+    assert len({tuple(names) for _, names in seen.values()}) == 1  # no growth
+    names = next(iter(seen.values()))[1]
+    assert names.count("broken") == 1  # the raise itself, once
+    logged = [record.exc_info[2] for record in caplog.records if record.exc_info]
+    assert len(logged) == 15  # one line per failed batch
+    assert len({len(frame_names(tb)) for tb in logged}) == 1
+    assert all(frame_locals(tb, "request_id") == [] for tb in logged)
+
+
+async def test_one_error_object_raised_in_a_thread_keeps_the_threads_frames() -> None:
+    """The error comes back from ``trio.to_thread.run_sync`` (raised again in the batch task,
+    on top of the thread's frames): those frames are the useful part, and stay."""
+    down = OSError("downstream is down")
+
+    def blocking_query(items: list[int]) -> list[int]:
+        raise down
+
+    async def query(items: list[int]) -> list[int]:
+        return await trio.to_thread.run_sync(blocking_query, items)
+
+    seen: dict[int, tuple[list[object], list[str]]] = {}
+
+    async def caller(batcher: mcs.Batcher[int, int], me: int) -> None:
+        request_id = me
+        try:
+            await batcher(request_id)
+        except OSError as error:
+            tb = error.__traceback__
+            seen[request_id] = (frame_locals(tb, "request_id"), frame_names(tb))
+
+    with trio.fail_after(5):
+        async with mcs.open_batcher(query, max_batch_size=5) as batcher:
+            for round_ in range(3):
+                async with trio.open_nursery() as nursery:
+                    for me in range(round_ * 10, round_ * 10 + 10):
+                        nursery.start_soon(caller, batcher, me)
+    assert len(seen) == 30
+    assert all(ids == [me] for me, (ids, _) in seen.items())
+    assert len({tuple(names) for _, names in seen.values()}) == 1
+    names = next(iter(seen.values()))[1]
+    assert names.count("query") == names.count("blocking_query") == 1
+
+
+async def test_one_error_object_raised_again_where_it_was_caught_keeps_its_origin() -> None:
+    down = OSError("downstream is down")
+
+    def connect() -> None:
+        raise down
+
+    async def query(items: list[int]) -> list[int]:
+        await trio.lowlevel.checkpoint()
+        try:
+            connect()
+        except OSError as error:
+            raise error  # the same object, raised again in this frame
+        return items
+
+    names: list[tuple[str, ...]] = []
+
+    async def caller(batcher: mcs.Batcher[int, int], me: int) -> None:
+        try:
+            await batcher(me)
+        except OSError as error:
+            names.append(tuple(frame_names(error.__traceback__)))
+
+    with trio.fail_after(5):
+        async with mcs.open_batcher(query, max_batch_size=4) as batcher:
+            for round_ in range(3):
+                async with trio.open_nursery() as nursery:
+                    for me in range(4):
+                        nursery.start_soon(caller, batcher, round_ * 4 + me)
+    assert len(names) == 12
+    assert len(set(names)) == 1
+    assert names[0].count("connect") == 1
+    assert names[0].count("caller") == 1
+
+
+async def test_a_batch_fn_raising_one_error_object_keeps_no_callers_frames_alive() -> None:
+    down = OSError("downstream is down")
+
+    async def broken(items: list[int]) -> list[int]:
+        raise down
+
+    markers: list[weakref.ref[Marker]] = []
+
+    async def caller(batcher: mcs.Batcher[int, int], me: int) -> None:
+        held = Marker()
+        markers.append(weakref.ref(held))
+        with pytest.raises(OSError, match="downstream is down"):
+            await batcher(me)
+
+    with trio.fail_after(60):
+        async with mcs.open_batcher(broken, max_batch_size=10) as batcher:
+            for _ in range(100):  # one batch after another
+                async with trio.open_nursery() as nursery:
+                    for me in range(10):
+                        nursery.start_soon(caller, batcher, me)
+    gc.collect()
+    # What Python leaves on the object: the traceback of its last raise, one caller's frames.
+    assert sum(ref() is not None for ref in markers) <= 1
 
 
 # ---------------------------------------------------------------- batch_fn misbehaves
