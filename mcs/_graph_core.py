@@ -42,7 +42,7 @@ from ._node import (
     _SpawnNode,
     _substitute,
 )
-from ._park import original_traceback, park, reraise, wake
+from ._park import park, raised_traceback, reraise, wake
 from ._spawn import _DONE as _HOST_DONE
 from ._spawn import SpawnHost
 
@@ -289,7 +289,7 @@ class GraphCore:
                 else:
                     value = fn(*args)
         except BaseException as exc:  # it runs on someone else's task: never let it escape
-            self._fail(node, exc, original_traceback(exc), now)
+            self._fail(node, exc, raised_traceback(exc), now)
         else:
             node._deliver_value(value, now)
         finally:

@@ -60,7 +60,7 @@ import trio
 from trio.lowlevel import Abort, RaiseCancelT, Task, current_task, enable_ki_protection
 
 from ._node import _RUNNING, _SpawnNode, _substitute
-from ._park import original_traceback, park, wake
+from ._park import park, raised_traceback, wake
 from ._tracing import active_tracer, traced_spawn
 
 if TYPE_CHECKING:
@@ -212,7 +212,7 @@ async def _run_spawned(graph: Graph, node: _SpawnNode[Any]) -> None:
         if _is_cancellation(exc):
             graph._interrupted(node, now)
         else:
-            graph._fail(node, exc, original_traceback(exc), now)
+            graph._fail(node, exc, raised_traceback(exc), now)
     else:
         node._deliver_value(value, trio.current_time())
     finally:

@@ -137,6 +137,41 @@ async def test_a_batch_error_shared_by_many_graphs_carries_only_each_graphs_fram
         assert [f.f_code.co_name for f in _frames(tb)].count("batch_fn") == 1
 
 
+@pytest.mark.parametrize("kind", ["apply", "spawn"])
+async def test_one_error_object_raised_by_a_node_in_graph_after_graph_keeps_each_its_own(
+    kind: str,
+) -> None:
+    """A node function that raises the same exception object in every request (a cached
+    error): each graph's error shows that graph's raise, not the first graph's."""
+    shared = MyError("cached")
+
+    def check(mine: int) -> int:
+        raise shared
+
+    async def check_later(mine: int) -> int:
+        await trio.lowlevel.checkpoint()
+        raise shared
+
+    def add_node(g: mcs.Graph, mine: int) -> None:
+        if kind == "apply":
+            g.apply(check, mine)
+        else:
+            g.spawn(check_later, mine)
+
+    seen: list[types.TracebackType | None] = []
+    with trio.fail_after(5):
+        for request_index in range(3):
+            with pytest.raises(MyError, match=r"^cached$") as raised:
+                async with mcs.open_graph() as g:
+                    add_node(g, request_index)
+            assert raised.value is shared
+            seen.append(raised.value.__traceback__)
+    assert len({_tb_length(tb) for tb in seen}) == 1  # nothing grows
+    for request_index, tb in enumerate(seen):
+        # its own raise, no other: the node function's frame (add_node's is not on it)
+        assert _locals_named(tb, "mine") == [request_index]
+
+
 async def test_the_block_raises_the_first_error_with_its_original_traceback() -> None:
     with trio.fail_after(5), pytest.raises(MyError, match=r"^bad apply 3$") as raised:
         async with mcs.open_graph() as g:
