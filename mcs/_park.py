@@ -113,16 +113,17 @@ _RAISE_OPCODES = frozenset(dis.opmap[name] for name in ("RAISE_VARARGS", "RERAIS
 
 
 def raised_traceback(error: BaseException) -> TracebackType | None:
-    """``error``'s traceback as batch_fn just raised it, without what mcs's earlier raises of
-    the same object left under it.
+    """``error``'s traceback from the raise that just reached mcs (out of a batch_fn, an apply or
+    a spawned node), without what mcs's earlier raises of the same object left under it.
 
-    Python puts a raise's frames on top of the traceback the object already has. A batch_fn
-    that raises one exception object every time (a cached "circuit open") would hand each batch
-    the frames of every caller before it, growing without end. So when the traceback holds a
-    raise of mcs's, keep it down to the last raise point above that (an entry whose
-    instruction is a raise, other than a re-raise in the frame that caught it), or, if there is
-    none, down to just above mcs's raise. The kept entries are copied: the old ones are shared
-    with earlier tracebacks. A traceback without a raise of mcs's is returned as it is.
+    Python puts a raise's frames on top of the traceback the object already has. A function
+    that raises one exception object every time (a cached "circuit open") would hand each
+    batch or request the frames of every caller before it, growing without end. So when the
+    traceback holds a raise of mcs's, keep it down to the last raise point above that (an entry
+    whose instruction is a raise, other than a re-raise in the frame that caught it), or, if
+    there is none, down to just above mcs's raise. The kept entries are copied: the old ones
+    are shared with earlier tracebacks. A traceback without a raise of mcs's is returned as it
+    is.
     """
     tb = error.__traceback__
     entries: list[TracebackType] = []
@@ -138,8 +139,9 @@ def raised_traceback(error: BaseException) -> TracebackType | None:
     below: TracebackType | None = entry
     for index in range(len(entries) - 1, -1, -1):
         entry = entries[index]
-        caught_here = below is not None and below.tb_frame is entry.tb_frame
-        if not caught_here and entry.tb_frame.f_code.co_code[entry.tb_lasti] in _RAISE_OPCODES:
+        code, lasti = entry.tb_frame.f_code.co_code, entry.tb_lasti
+        raises_here = 0 <= lasti < len(code) and code[lasti] in _RAISE_OPCODES
+        if raises_here and (below is None or below.tb_frame is not entry.tb_frame):
             keep = index + 1
             break
         below = entry

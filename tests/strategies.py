@@ -232,14 +232,17 @@ def loaded_rate_scenarios(draw: st.DrawFn) -> Scenario:
     return Scenario(config, downstream, calls, (), close_at=close_at, abort=False)
 
 
-Misbehaviour = Literal["ok", "raise", "hang", "short", "garbage", "mutate", "sentinel", "lookup"]
-"""What a misbehaving batch_fn does with one batch: answer properly, raise, never return, return
+Misbehaviour = Literal[
+    "ok", "raise", "raise_same", "hang", "short", "garbage", "mutate", "sentinel", "lookup"
+]
+"""What a misbehaving batch_fn does with one batch: answer properly, raise, raise the one exception
+object it raises every time, never return, return
 one result too few, return something that is not a result, reorder its ``items`` in place (and
 answer for the original order), answer every item with one shared exception object, or return
 a mapping whose lookup raises for the batch's first item."""
 
 misbehaviours: st.SearchStrategy[Misbehaviour] = st.sampled_from(
-    ["ok", "raise", "hang", "short", "garbage", "mutate", "sentinel", "lookup"]
+    ["ok", "raise", "raise_same", "hang", "short", "garbage", "mutate", "sentinel", "lookup"]
 )
 
 

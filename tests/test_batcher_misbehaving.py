@@ -52,6 +52,7 @@ class Run:
     outcomes: dict[int, object] = field(default_factory=dict)
     foreign_frames: list[int] = field(default_factory=list)
     sentinel: LookupError = field(default_factory=lambda: LookupError("not found"))
+    circuit_open: OSError = field(default_factory=lambda: OSError("circuit open"))
 
 
 def caller_ids(tb: TracebackType | None) -> list[object]:
@@ -78,6 +79,8 @@ def replay(scenario: MisbehavingScenario, mcs_tasks: TaskLister) -> tuple[Run, A
                 await trio.sleep_forever()
             if behaviour == "raise":
                 raise ValueError(f"batch {number} failed")
+            if behaviour == "raise_same":
+                raise run.circuit_open  # one object for the whole run, raised again and again
             if behaviour == "short":
                 return [item * 10 for item in items][:-1]
             if behaviour == "garbage":
@@ -144,6 +147,8 @@ def allowed(behaviour: Misbehaviour, items: list[int], item: int, error: object)
         return behaviour == "sentinel"
     if isinstance(error, ValueError):
         return behaviour == "raise"
+    if isinstance(error, OSError):
+        return behaviour == "raise_same"
     return False
 
 
