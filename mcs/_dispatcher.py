@@ -450,7 +450,7 @@ class _Dispatcher(_Gates[K, V]):
         )
         served = deliver_error(records, error, None, now)
         self.counts.callers_served += served + (extra_callers(records) if self.shares else 0)
-        batch_failed(self.name, error, len(records))
+        batch_failed(self.name, error, len(records), None)
 
     def _batch_done(self, batch: _Batch, started: float) -> float:
         """Free the batch's slot; returns the time, which is also each result's time."""

@@ -37,17 +37,15 @@ logger = logging.getLogger("mcs")
 logger.addHandler(logging.NullHandler())
 
 
-def batch_failed(
-    name: str, error: BaseException, size: int, tb: TracebackType | None = None
-) -> None:
-    """``tb``: the traceback the callers get (see ``raised_traceback``), if not the error's."""
+def batch_failed(name: str, error: BaseException, size: int, tb: TracebackType | None) -> None:
+    """``tb``: the traceback the callers get (see ``raised_traceback``)."""
     if logger.isEnabledFor(logging.WARNING):
         logger.warning(
             "batcher %r: batch_fn failed for a batch of %d items: %r",
             name,
             size,
             error,
-            exc_info=(type(error), error, error.__traceback__ if tb is None else tb),
+            exc_info=(type(error), error, tb),
             extra={"mcs_batcher": name},
         )
 

@@ -166,7 +166,7 @@ def test_nothing_is_formatted_when_the_level_is_off(caplog: pytest.LogCaptureFix
             raise AssertionError("formatted although nobody listens")
 
     caplog.set_level(logging.CRITICAL, logger="mcs")
-    _log.batch_failed("db", Loud(), 3)
+    _log.batch_failed("db", Loud(), 3, None)
     _log.malformed_result("db", Loud())
     assert records(caplog) == []
 
