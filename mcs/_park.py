@@ -120,10 +120,10 @@ def raised_traceback(error: BaseException) -> TracebackType | None:
     that raises one exception object every time (a cached "circuit open") would hand each
     batch or request the frames of every caller before it, growing without end. So when the
     traceback holds a raise of mcs's, keep it down to the last raise point above that (an entry
-    whose instruction is a raise, other than a re-raise in the frame that caught it), or, if
-    there is none, down to just above mcs's raise. The kept entries are copied: the old ones
-    are shared with earlier tracebacks. A traceback without a raise of mcs's is returned as it
-    is.
+    whose instruction is a raise, other than a re-raise in the frame that caught it). The kept
+    entries are copied: the old ones are shared with earlier tracebacks. A traceback without a
+    raise of mcs's, or without a raise point above it (an error that a batcher called from
+    batch_fn delivered, propagating), is returned as it is.
     """
     tb = error.__traceback__
     entries: list[TracebackType] = []
@@ -135,7 +135,6 @@ def raised_traceback(error: BaseException) -> TracebackType | None:
         entry = entry.tb_next
     else:
         return tb
-    keep = len(entries)
     below: TracebackType | None = entry
     for index in range(len(entries) - 1, -1, -1):
         entry = entries[index]
@@ -145,6 +144,8 @@ def raised_traceback(error: BaseException) -> TracebackType | None:
             keep = index + 1
             break
         below = entry
+    else:  # no raise above mcs's: the error came through mcs (a batcher called by batch_fn)
+        return tb
     copied = None
     for entry in reversed(entries[:keep]):
         copied = TracebackType(copied, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)

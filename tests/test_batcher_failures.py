@@ -244,6 +244,42 @@ async def test_one_error_object_raised_again_where_it_was_caught_keeps_its_origi
     assert names[0].count("caller") == 1
 
 
+async def test_an_error_from_a_batcher_called_by_batch_fn_keeps_where_it_was_raised() -> None:
+    """Batchers in a chain: the outer batch_fn calls an inner batcher, whose batch_fn raises.
+    The outer callers' traceback goes down to the inner raise, once."""
+
+    async def inner_query(items: list[int]) -> list[int]:
+        await trio.lowlevel.checkpoint()
+        raise LookupError("row missing")
+
+    names: list[tuple[str, ...]] = []
+
+    async def caller(outer: mcs.Batcher[int, int], me: int) -> None:
+        request_id = me
+        try:
+            await outer(request_id)
+        except LookupError as error:
+            tb = error.__traceback__
+            assert frame_locals(tb, "request_id") == [me]
+            names.append(tuple(frame_names(tb)))
+
+    with trio.fail_after(5):
+        async with mcs.open_batcher(inner_query, max_batch_size=3) as inner:
+
+            async def outer_query(items: list[int]) -> list[int]:
+                return [await inner(item) for item in items]
+
+            async with mcs.open_batcher(outer_query, max_batch_size=3) as outer:
+                for round_ in range(2):
+                    async with trio.open_nursery() as nursery:
+                        for me in range(3):
+                            nursery.start_soon(caller, outer, round_ * 3 + me)
+    assert len(names) == 6
+    assert len(set(names)) == 1
+    assert names[0].count("inner_query") == 1
+    assert names[0].count("outer_query") == 1
+
+
 async def test_a_batch_fn_raising_one_error_object_keeps_no_callers_frames_alive() -> None:
     down = OSError("downstream is down")
 
